@@ -1,0 +1,2365 @@
+"""sapid: a certificate authority that signs PKCS#10 requests over a Unix socket.
+
+A client sends its certificate signing request with ``PUT /api/csr/<client_id>``; sapid checks it,
+runs the operator's hooks (``/etc/sapid/hooks.py``: authorize, presign, postsign), signs it with
+the CA key, records it durably and answers JSON whose ``signed_x509_pem`` holds the certificate.
+nginx terminates TLS in front of the socket; systemd starts sapid, hands it the socket and the
+key's passphrase.
+
+Commands: ``sapid init`` creates a CA identity, ``sapid serve`` runs the daemon, ``sapid sign``
+signs one request offline through the same pipeline, ``sapid check`` validates a setup.
+See sapid(8), sapid.conf(5) and sapid-hooks(5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import configparser
+import ctypes
+import dataclasses
+import datetime
+import difflib
+import errno
+import getpass
+import grp
+import hashlib
+import http
+import importlib.util
+import inspect
+import ipaddress
+import json
+import logging
+import os
+import queue
+import re
+import resource
+import secrets
+import selectors
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, padding as sym_padding, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("sapid")
+
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_CONFIG = "/etc/sapid/sapid.conf"
+DEFAULT_HOOKS = "/etc/sapid/hooks.py"
+
+# The identity folder's files; ``ca.crt.pem`` is ssl_api's name for the certificate.
+KEY_FILE = "ca.private_key.pem"
+CERT_FILES = ("ca.cert.pem", "ca.crt.pem")
+CHAIN_FILE = "ca.chain.pem"
+CSR_FILE = "ca.csr.pem"
+PUBLIC_KEY_FILE = "ca.public_key.pem"
+
+# ssl_api's rule for client ids, with an upper bound so a path cannot grow without limit.
+CLIENT_ID = re.compile(r"[A-Za-z0-9]{1,128}\Z")
+
+MIN_PASSPHRASE_CHARS = 12
+# OWASP's 2023 figure for PBKDF2-HMAC-SHA256; cryptography alone would write 2,048.
+KDF_ITERATIONS = 600_000
+
+# RFC 5280 caps serials at 20 octets and they must be positive: 159 bits always fit.
+SERIAL_BITS = 159
+# A custom serial_number hook that keeps returning used serials must not loop forever.
+SERIAL_ATTEMPTS = 8
+
+# nginx's own default for large_client_header_buffers is 4 x 8k; a CSR request needs far less.
+MAX_HEAD_BYTES = 16384
+# Connections held open at once (idle ones cost a few hundred bytes, no thread).
+MAX_CONNECTIONS = 4096
+LISTEN_BACKLOG = 1024
+
+# Content-Types a CSR may come with; curl's default for -d/-T is form-urlencoded.
+CSR_MEDIA_TYPES = frozenset({
+    "application/pkcs10", "application/x-pem-file", "application/octet-stream", "text/plain",
+    "application/x-www-form-urlencoded",
+})
+
+# Headers set by a TLS-terminating proxy; hooks see them only when the proxy is trusted.
+PROXY_HEADER_PREFIXES = ("x-forwarded-", "x-ssl-client", "x-real-ip", "forwarded")
+
+KEY_TYPES = ("p256", "p384", "rsa2048", "rsa3072", "rsa4096", "ed25519")
+
+# X.509 name attributes by the short names openssl and ssl_api's ``-f FIELD VALUE`` use.
+NAME_FIELDS = {
+    "C": NameOID.COUNTRY_NAME, "ST": NameOID.STATE_OR_PROVINCE_NAME, "L": NameOID.LOCALITY_NAME,
+    "O": NameOID.ORGANIZATION_NAME, "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "CN": NameOID.COMMON_NAME, "emailAddress": NameOID.EMAIL_ADDRESS,
+    "serialNumber": NameOID.SERIAL_NUMBER, "DC": NameOID.DOMAIN_COMPONENT,
+    "street": NameOID.STREET_ADDRESS, "title": NameOID.TITLE, "GN": NameOID.GIVEN_NAME,
+    "SN": NameOID.SURNAME, "initials": NameOID.INITIALS, "pseudonym": NameOID.PSEUDONYM,
+    "UID": NameOID.USER_ID, "postalCode": NameOID.POSTAL_CODE,
+    "dnQualifier": NameOID.DN_QUALIFIER, "businessCategory": NameOID.BUSINESS_CATEGORY,
+    "organizationIdentifier": NameOID.ORGANIZATION_IDENTIFIER,
+}
+
+# The only general names a CSR may ask for; the rest (otherName, directoryName, ...) are refused.
+SAN_TYPES = (x509.DNSName, x509.IPAddress, x509.RFC822Name, x509.UniformResourceIdentifier)
+EC_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: turned into responses by SigningHandler and into one line by main(), nowhere else.
+# ---------------------------------------------------------------------------------------------
+
+class SapidError(Exception):
+    """Anything sapid refuses, with a message meant for a person."""
+
+
+class ConfigError(SapidError):
+    """A configuration, identity, passphrase or hooks file that sapid cannot work with."""
+
+
+class HookError(SapidError):
+    """An operator's hook failed; the client learns no detail."""
+
+
+class StoreError(SapidError):
+    """A certificate could not be made durable; it is not returned."""
+
+
+class RequestError(SapidError):
+    """A request refused with an HTTP status and one of the API's error codes."""
+
+    def __init__(self, status: int, code: str, message: str, headers: tuple = ()):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+class NotAuthorized(SapidError):
+    """Raised by a hook to refuse a request: 403 with this message."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+def _yes_no(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("yes", "true", "on", "1"):
+        return True
+    if lowered in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"expected yes or no, not {value!r}")
+
+
+def _bounded(kind, low, high):
+    def parse(value: str):
+        number = kind(value)
+        if not low <= number <= high:
+            raise ValueError(f"{value!r} is outside {low}..{high}")
+        return number
+    return parse
+
+
+# key -> parser; the order is that of sapid.conf(5).
+CONFIG_KEYS = {
+    "identity": str,
+    "state": str,
+    "hooks": str,
+    "socket": str,
+    "validity_days": _bounded(int, 1, 36500),
+    "backdate_seconds": _bounded(int, 0, 86400),
+    "max_request_bytes": _bounded(int, 1024, 16 * 1024 * 1024),
+    "request_timeout": _bounded(float, 0.1, 3600),
+    "max_threads": _bounded(int, 1, 1024),
+    "hook_timeout": _bounded(float, 0.1, 3600),
+    "trusted_proxy": _yes_no,
+}
+PATH_KEYS = ("identity", "state", "hooks", "socket")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """sapid.conf, section ``[sapid]``; see sapid.conf(5)."""
+
+    path: str | None = None
+    identity: str = "/etc/sapid/identity"
+    state: str = "/var/lib/sapid"
+    hooks: str | None = None        # None: unset; "": built-in hooks
+    socket: str = "/run/sapid/sapid.sock"
+    validity_days: int = 365
+    backdate_seconds: int = 300
+    max_request_bytes: int = 65536
+    request_timeout: float = 10.0
+    max_threads: int = 32
+    hook_timeout: float = 30.0
+    trusted_proxy: bool = False
+
+    @classmethod
+    def load(cls, path: str | None = None) -> Config:
+        """Read ``path``, else ``$SAPID_CONFIG``, else /etc/sapid/sapid.conf if it exists."""
+        explicit = path or os.environ.get("SAPID_CONFIG")
+        path = explicit or DEFAULT_CONFIG
+        parser = configparser.ConfigParser(interpolation=None, default_section="\0")
+        parser.optionxform = str
+        try:
+            with open(path, encoding="utf-8") as file:
+                parser.read_file(file)
+        except FileNotFoundError:
+            if explicit:
+                raise ConfigError(f"{path}: no such configuration file") from None
+            return cls()
+        except (OSError, UnicodeDecodeError, configparser.Error) as e:
+            raise ConfigError(f"{path}: {_one_line(e)}") from None
+        extra = [s for s in parser.sections() if s != "sapid"]
+        if extra:
+            raise ConfigError(f"{path}: unknown section [{extra[0]}]; sapid reads [sapid] only")
+        values = {"path": os.path.abspath(path)}
+        base = os.path.dirname(os.path.abspath(path))
+        for key, raw in (parser["sapid"].items() if parser.has_section("sapid") else ()):
+            if key not in CONFIG_KEYS:
+                near = difflib.get_close_matches(key, CONFIG_KEYS, 1)
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                raise ConfigError(f"{path}: unknown key {key!r}{hint}")
+            try:
+                value = CONFIG_KEYS[key](raw.strip())
+            except ValueError as e:
+                raise ConfigError(f"{path}: {key}: {e}") from None
+            if key in PATH_KEYS and value:
+                value = os.path.join(base, value)   # relative paths: from the file's folder
+            values[key] = value
+        return cls(**values)
+
+    def hooks_path(self) -> str | None:
+        """The hooks file to load, or None for the built-in hooks."""
+        if self.hooks is None:
+            return DEFAULT_HOOKS if os.path.exists(DEFAULT_HOOKS) else None
+        return self.hooks or None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Passphrase and secrets
+# ---------------------------------------------------------------------------------------------
+
+PR_SET_DUMPABLE = 4
+
+
+def disable_core_dumps() -> None:
+    """Keep the CA key out of core dumps and away from ptrace by other processes of our user."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.warning("could not clear the dumpable flag; core dumps are still off")
+
+
+def _strip_newline(text: str) -> str:
+    return text[:-1] if text.endswith("\n") else text
+
+
+def read_passphrase(*, confirm: bool = False, interactive: bool = True) -> str | None:
+    """The CA key's passphrase from the first source that has one (see sapid(8)).
+
+    ``$CA_PASSPHRASE`` leaves the environment whichever source wins.  Non-interactive callers
+    get None when only a terminal or systemd-ask-password could answer.
+    """
+    from_env = os.environ.pop("CA_PASSPHRASE", None)
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials:
+        try:
+            with open(os.path.join(credentials, "passphrase"), "rb") as file:
+                return _strip_newline(file.read().decode("utf-8"))
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"credential 'passphrase': {_one_line(e)}") from None
+    if from_env is not None:
+        return _strip_newline(from_env)
+    if not interactive:
+        return None
+    if sys.stdin is not None and sys.stdin.isatty():
+        first = getpass.getpass("CA key passphrase: ")
+        if confirm and getpass.getpass("Again: ") != first:
+            raise ConfigError("the two passphrases differ")
+        return first
+    if os.environ.get("INVOCATION_ID") and not confirm:
+        try:
+            done = subprocess.run(
+                ["systemd-ask-password", "--no-tty", "--id=sapid:passphrase",
+                 "Passphrase for the sapid CA key:"],
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=300, check=True)
+            return _strip_newline(done.stdout.decode("utf-8"))
+        except (OSError, subprocess.SubprocessError, UnicodeDecodeError) as e:
+            log.warning("systemd-ask-password gave no passphrase: %s", _one_line(e))
+    raise ConfigError(
+        "no passphrase for the CA key: provide the systemd credential 'passphrase' "
+        "($CREDENTIALS_DIRECTORY), set $CA_PASSPHRASE, run on a terminal, "
+        "or run under systemd where systemd-ask-password can ask")
+
+
+# ---------------------------------------------------------------------------------------------
+# DER: just enough to write and inspect PBES2-encrypted PKCS#8 keys.
+# ---------------------------------------------------------------------------------------------
+
+OID_PBES2 = "1.2.840.113549.1.5.13"
+OID_PBKDF2 = "1.2.840.113549.1.5.12"
+OID_HMAC_SHA256 = "1.2.840.113549.2.9"
+OID_AES256_CBC = "2.16.840.1.101.3.4.1.42"
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    if size < 0x80:
+        return bytes((tag, size)) + content
+    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(octets))) + octets + content
+
+
+def _der_oid(dotted: str) -> bytes:
+    arcs = [int(arc) for arc in dotted.split(".")]
+    body = bytearray((40 * arcs[0] + arcs[1],))
+    for arc in arcs[2:]:
+        chunk = [arc & 0x7F]
+        while arc := arc >> 7:
+            chunk.append(0x80 | (arc & 0x7F))
+        body.extend(reversed(chunk))
+    return _der(0x06, bytes(body))
+
+
+def _der_seq(*parts: bytes) -> bytes:
+    return _der(0x30, b"".join(parts))
+
+
+def _der_read(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of content, end of content) of the element at ``pos``."""
+    tag, size = data[pos], data[pos + 1]
+    pos += 2
+    if size & 0x80:
+        count = size & 0x7F
+        size = int.from_bytes(data[pos:pos + count], "big")
+        pos += count
+    if pos + size > len(data):
+        raise ValueError("truncated DER")
+    return tag, pos, pos + size
+
+
+def encrypt_private_key(key, passphrase: str) -> bytes:
+    """PEM ``ENCRYPTED PRIVATE KEY``: PBES2, PBKDF2-HMAC-SHA256 x 600,000, AES-256-CBC.
+
+    cryptography's BestAvailableEncryption uses 2,048 iterations and offers no knob for
+    PKCS#8, so the EncryptedPrivateKeyInfo is built here (RFC 8018 appendix A.4, C).
+    """
+    plain = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption())
+    salt, iv = os.urandom(16), os.urandom(16)
+    kek = PBKDF2HMAC(hashes.SHA256(), 32, salt, KDF_ITERATIONS).derive(passphrase.encode())
+    padder = sym_padding.PKCS7(128).padder()
+    encryptor = Cipher(algorithms.AES(kek), modes.CBC(iv)).encryptor()
+    sealed = encryptor.update(padder.update(plain) + padder.finalize()) + encryptor.finalize()
+    kdf = _der_seq(_der_oid(OID_PBKDF2), _der_seq(
+        _der(0x04, salt), _der(0x02, KDF_ITERATIONS.to_bytes(3, "big")),
+        _der_seq(_der_oid(OID_HMAC_SHA256), b"\x05\x00")))
+    scheme = _der_seq(_der_oid(OID_AES256_CBC), _der(0x04, iv))
+    der = _der_seq(_der_seq(_der_oid(OID_PBES2), _der_seq(kdf, scheme)), _der(0x04, sealed))
+    return _pem("ENCRYPTED PRIVATE KEY", der)
+
+
+def _pem(label: str, der: bytes) -> bytes:
+    body = base64.encodebytes(der).replace(b"\n", b"")
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    return b"".join([f"-----BEGIN {label}-----\n".encode(), *(l + b"\n" for l in lines),
+                     f"-----END {label}-----\n".encode()])
+
+
+def key_protection(pem: bytes) -> str | None:
+    """Why an encrypted key's KDF is weaker than DESIGN asks, or None when it is fine."""
+    if b"Proc-Type: 4,ENCRYPTED" in pem:
+        return "uses OpenSSL's legacy key derivation (one MD5 round)"
+    try:
+        body = pem.split(b"-----BEGIN ENCRYPTED PRIVATE KEY-----", 1)[1].split(b"-----END", 1)[0]
+        data = base64.b64decode(body)
+        _, pos, _ = _der_read(data, 0)             # EncryptedPrivateKeyInfo
+        _, pos, _ = _der_read(data, pos)           # AlgorithmIdentifier
+        _, start, end = _der_read(data, pos)       # OID
+        if data[start - 2:end] != _der_oid(OID_PBES2):
+            return "is not PBES2-encrypted"
+        _, pos, _ = _der_read(data, end)           # PBES2-params
+        _, pos, _ = _der_read(data, pos)           # keyDerivationFunc
+        _, start, end = _der_read(data, pos)
+        if data[start - 2:end] != _der_oid(OID_PBKDF2):
+            return None                            # scrypt: fine
+        _, pos, _ = _der_read(data, end)           # PBKDF2-params
+        _, _, salt_end = _der_read(data, pos)
+        _, start, end = _der_read(data, salt_end)
+        rounds = int.from_bytes(data[start:end], "big")
+    except (IndexError, ValueError):
+        return None
+    if rounds < KDF_ITERATIONS:
+        return f"uses {rounds:,} PBKDF2 iterations"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# X.509 helpers
+# ---------------------------------------------------------------------------------------------
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def serial_hex(serial: int) -> str:
+    """Upper-case hex of even length, as ``openssl x509 -serial`` prints it."""
+    text = format(serial, "X")
+    return "0" + text if len(text) % 2 else text
+
+
+def iso_time(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def signature_hash(key):
+    """The hash a CA key signs with: SHA-256, SHA-384 for P-384, SHA-512 for P-521, none for EdDSA."""
+    if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return {384: hashes.SHA384(), 521: hashes.SHA512()}.get(key.curve.key_size,
+                                                               hashes.SHA256())
+    return hashes.SHA256()
+
+
+def generate_key(kind: str):
+    if kind.startswith("rsa"):
+        return rsa.generate_private_key(65537, int(kind[3:]))
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return ec.generate_private_key({"p256": ec.SECP256R1(), "p384": ec.SECP384R1()}[kind])
+
+
+def spki_der(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def random_serial() -> int:
+    """159 random bits: far more than the 64 that CA/Browser Forum rules ask for."""
+    while not (serial := secrets.randbits(SERIAL_BITS)):
+        pass
+    return serial
+
+
+def key_description(public_key) -> str:
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return f"RSA-{public_key.key_size}"
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return f"EC {public_key.curve.name}"
+    return type(public_key).__name__.replace("PublicKey", "").lstrip("_")
+
+
+def check_csr_key(public_key) -> None:
+    """The key policy of DESIGN: strong RSA, the NIST curves, EdDSA; anything else is 400."""
+    if isinstance(public_key, rsa.RSAPublicKey):
+        numbers = public_key.public_numbers()
+        if not 2048 <= public_key.key_size <= 16384:
+            raise RequestError(400, "key_refused",
+                               f"RSA-{public_key.key_size} key refused: 2048 to 16384 bits")
+        if numbers.e < 65537 or not numbers.e % 2:
+            raise RequestError(400, "key_refused",
+                               f"RSA public exponent {numbers.e} refused: odd and >= 65537")
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        if not isinstance(public_key.curve, EC_CURVES):
+            raise RequestError(400, "key_refused",
+                               f"curve {public_key.curve.name} refused: P-256, P-384 or P-521")
+    elif not isinstance(public_key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        raise RequestError(400, "key_refused", f"{key_description(public_key)} key refused: "
+                           "RSA, EC P-256/P-384/P-521, Ed25519 or Ed448")
+
+
+def parse_csr(body: bytes) -> x509.CertificateSigningRequest:
+    """A CSR from PEM or DER, told apart by content."""
+    if not body.strip():
+        raise RequestError(400, "not_a_csr", "empty body: send a PKCS#10 CSR in PEM or DER")
+    try:
+        if body.lstrip()[:10] == b"-----BEGIN":
+            return x509.load_pem_x509_csr(body)
+        return x509.load_der_x509_csr(body)
+    except ValueError as e:
+        raise RequestError(400, "not_a_csr", f"not a PKCS#10 CSR: {_one_line(e)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedCSR:
+    """A CSR that passed the policy, with what the pipeline takes from it."""
+
+    csr: x509.CertificateSigningRequest
+    public_key: object
+    subject: x509.Name
+    subject_alt_names: tuple
+    spki: bytes
+
+
+def check_csr(csr: x509.CertificateSigningRequest) -> CheckedCSR:
+    """Proof of possession, signature hash, key and name policy; RequestError otherwise."""
+    try:
+        digest = csr.signature_hash_algorithm
+    except UnsupportedAlgorithm as e:
+        raise RequestError(400, "bad_csr_signature",
+                           f"unsupported CSR signature algorithm: {_one_line(e)}") from None
+    if isinstance(digest, (hashes.MD5, hashes.SHA1)):
+        raise RequestError(400, "weak_csr_signature",
+                           f"CSR signed with {digest.name.upper()}: sign it with SHA-256 or better")
+    try:
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise RequestError(400, "key_refused", f"CSR key refused: {_one_line(e)}") from None
+    check_csr_key(public_key)
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise RequestError(400, "bad_csr_signature", f"CSR signature: {_one_line(e)}") from None
+    if not valid:
+        raise RequestError(400, "bad_csr_signature",
+                           "the CSR's signature does not verify with its own key")
+    try:
+        subject = csr.subject
+        for attribute in subject:
+            attribute.value  # noqa: B018 -- decodes it, raising on a broken string
+        extensions = csr.extensions
+        try:
+            names = tuple(extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        except x509.ExtensionNotFound:
+            names = ()
+    except x509.DuplicateExtension as e:
+        raise RequestError(400, "not_a_csr", f"CSR has a duplicate extension {e.oid.dotted_string}"
+                           ) from None
+    except (ValueError, UnicodeError) as e:
+        raise RequestError(400, "name_refused", f"CSR names cannot be read: {_one_line(e)}"
+                           ) from None
+    for name in names:
+        if not isinstance(name, SAN_TYPES):
+            raise RequestError(400, "name_refused", f"subjectAltName {type(name).__name__} "
+                               "refused: DNS, IP, email and URI only")
+    if not len(subject) and not names:
+        raise RequestError(400, "name_refused", "the CSR has neither a subject nor a subjectAltName")
+    return CheckedCSR(csr, public_key, subject, names, spki_der(public_key))
+
+
+def subject_text(name: x509.Name) -> str:
+    try:
+        return name.rfc4514_string()
+    except (ValueError, UnicodeError):
+        return "(unreadable)"
+
+
+# ---------------------------------------------------------------------------------------------
+# systemd: sd_notify and socket activation, implemented here (no libsystemd needed)
+# ---------------------------------------------------------------------------------------------
+
+SD_LISTEN_FDS_START = 3
+
+
+def sd_notify(message: str) -> bool:
+    """Send ``message`` to $NOTIFY_SOCKET; a no-op outside systemd and never raises."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address[0] == "@":
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except (OSError, UnicodeError):
+        return False
+
+
+def listen_fds() -> list[tuple[int, str]]:
+    """Sockets passed by systemd as (fd, name), trusted only when LISTEN_PID is ours."""
+    try:
+        if int(os.environ.get("LISTEN_PID", "")) != os.getpid():
+            return []
+        count = int(os.environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        return []
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(variable, None)
+    fds = []
+    for index in range(max(count, 0)):
+        fd = SD_LISTEN_FDS_START + index
+        os.set_inheritable(fd, False)
+        fds.append((fd, names[index] if index < len(names) else "unknown"))
+    return fds
+
+
+def monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks: the operator's file overrides these documented no-ops.
+# ---------------------------------------------------------------------------------------------
+
+class SigningHooks:
+    """One instance per request; subclass it as ``Hooks`` in the hooks file (sapid-hooks(5)).
+
+    Before ``authorize`` sapid sets: ``client_id`` (alias ``client_hash``), ``public_key_hash``
+    (lower-case hex SHA-1 of the CSR's DER SubjectPublicKeyInfo), ``csr``, ``csr_pem``, ``peer``
+    ((pid, uid, gid) of the socket peer, None over TCP) and ``headers`` (read-only,
+    case-insensitive; proxy headers only with ``trusted_proxy = yes``).
+    """
+
+    def __init__(self, client_hash=None, public_key_hash=None, csr_tuple=None):
+        # ssl_api's factory call shape: (client_hash, public_key_hash, (pem, csr, csr)).
+        self.client_id = client_hash
+        self.public_key_hash = public_key_hash
+        self.csr_pem, self.csr = (csr_tuple or (None, None))[:2]
+        self.peer = None
+        self.headers = Headers({})
+
+    @property
+    def client_hash(self):
+        return self.client_id
+
+    @client_hash.setter
+    def client_hash(self, value):
+        self.client_id = value
+
+    def authorize(self, subject_alt_names):
+        """Decide: None (default validity), a timedelta, or False / raise NotAuthorized."""
+        return None
+
+    def presign(self, draft):
+        """Edit the ``Draft`` in place before it is signed."""
+
+    def postsign(self, certificate):
+        """See the signed certificate (already recorded); raising withholds it."""
+
+
+def boot(authority):
+    """Called at each (re)load with the CA's public side; raising refuses the load."""
+
+
+def serial_number():
+    """A serial for a new certificate: int in 1 .. 2**159-1 with >= 64 random bits."""
+    return random_serial()
+
+
+@dataclasses.dataclass
+class Draft:
+    """The certificate before signing, as ``presign`` sees and edits it."""
+
+    subject: x509.Name
+    public_key: object
+    serial_number: int
+    not_valid_before: datetime.datetime
+    not_valid_after: datetime.datetime
+    extensions: dict
+
+    def add_extension(self, value: x509.ExtensionType, critical: bool) -> None:
+        """Add ``value``, replacing an extension with the same OID."""
+        self.extensions[value.oid] = x509.Extension(value.oid, critical, value)
+
+    def remove_extension(self, oid: x509.ObjectIdentifier) -> None:
+        self.extensions.pop(oid, None)
+
+
+class Headers(Mapping):
+    """Request headers for hooks: read-only, names case-insensitive."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: dict):
+        self._items = items        # lower-case name -> value
+
+    def __getitem__(self, name):
+        return self._items[name.lower()]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __repr__(self):
+        return f"Headers({self._items!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthorityInfo:
+    """What ``boot`` sees of the CA: its certificate, chain and configuration, never the key."""
+
+    certificate: x509.Certificate
+    chain: tuple
+    config: Config
+
+
+HOOK_METHODS = {"authorize": 1, "presign": 1, "postsign": 1}
+HOOK_FUNCTIONS = {"boot": 1, "serial_number": 0}
+SSL_API_NAMES = {"API_CSR_HOOKS_FACTORY": 3, "HOOKS_FACTORY": 3, "CUSTOM_BOOT_CB": 0,
+                 "SERIAL_NUMBER_GENERATOR_CB": 0}
+KNOWN_TOP_LEVEL = {"Hooks", *HOOK_FUNCTIONS, *SSL_API_NAMES}
+
+
+@dataclasses.dataclass(frozen=True)
+class HookSet:
+    """The hooks in force: a per-request factory and the module-level functions."""
+
+    path: str | None
+    factory: object
+    boot: object
+    serial_number: object
+    # Which phases run operator code: phases that do not are called inline, without a timeout.
+    custom: frozenset
+
+    def new(self, client_id, public_key_hash, csr, csr_pem):
+        instance = self.factory(client_id, public_key_hash, (csr_pem, csr, csr))
+        if not isinstance(instance, SigningHooks):
+            raise HookError(f"the hooks factory returned {type(instance).__name__}, "
+                            "not a sapid.SigningHooks")
+        instance.client_id, instance.public_key_hash = client_id, public_key_hash
+        instance.csr, instance.csr_pem = csr, csr_pem
+        return instance
+
+    def draw_serial(self) -> int:
+        return normalize_serial(self.serial_number())
+
+
+BUILTIN_HOOKS = HookSet(None, SigningHooks, boot, serial_number, frozenset())
+
+
+def normalize_serial(value) -> int:
+    """An int, or ssl_api's hex string; >= 2**159 is masked to 159 bits as ssl_api's default needs."""
+    if isinstance(value, str):
+        try:
+            value = int(value, 16)
+        except ValueError:
+            raise HookError(f"serial_number returned {value!r}, not hex") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HookError(f"serial_number returned {type(value).__name__}, not an int")
+    if value >= 1 << SERIAL_BITS:
+        value &= (1 << SERIAL_BITS) - 1
+    if value < 1:
+        raise HookError(f"serial_number returned {value}, not in 1 .. 2**159-1")
+    return value
+
+
+_hook_loads = 0
+
+
+def load_hooks(path: str | None) -> HookSet:
+    """Load an operator's hooks file; ConfigError names the file and line of what is wrong."""
+    global _hook_loads
+    if path is None:
+        return BUILTIN_HOOKS
+    _check_hooks_file(path)
+    try:
+        with open(path, "rb") as file:
+            source = file.read()
+        tree = ast.parse(source, path)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: {_one_line(e)}") from None
+    lines = _definition_lines(tree)
+    _hook_loads += 1
+    name = f"sapid_hooks_{_hook_loads}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the operator's code: any failure is a load error
+        sys.modules.pop(name, None)
+        raise ConfigError(f"{path}:{_error_line(e, path)}: {type(e).__name__}: {_one_line(e)}"
+                          ) from None
+    finally:
+        sys.modules.pop(f"sapid_hooks_{_hook_loads - 1}", None)
+    return _hook_set(module, path, lines)
+
+
+def _check_hooks_file(path: str) -> None:
+    try:
+        info = os.lstat(path)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: not a regular file (symbolic links are refused)")
+    if info.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"{path}: owned by uid {info.st_uid}; must be root or sapid's user")
+    if info.st_mode & 0o022:
+        raise ConfigError(f"{path}: writable by group or others (mode "
+                          f"{stat.S_IMODE(info.st_mode):04o}); chmod go-w it")
+
+
+def _definition_lines(tree: ast.Module) -> dict:
+    """Line of each top-level name, and of each method as 'Class.method'."""
+    lines = {}
+    for node in tree.body:
+        targets = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            targets = [node.name]
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        lines[f"{node.name}.{item.name}"] = item.lineno
+        elif isinstance(node, ast.Assign):
+            targets = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and isinstance(node.target, ast.Name):
+            targets = [node.target.id]
+        for target in targets:
+            lines.setdefault(target, node.lineno)
+    return lines
+
+
+def _error_line(error: BaseException, path: str) -> int | str:
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if f.filename == path]
+    return frames[-1].lineno if frames else "?"
+
+
+def _near_miss(name: str, known) -> str | None:
+    if name in known or name.startswith("_"):
+        return None
+    lowered = {k.lower(): k for k in known}
+    match = difflib.get_close_matches(name.lower(), lowered, 1, 0.75)
+    return lowered[match[0]] if match else None
+
+
+def _check_arity(function, count: int, what: str, where: str) -> None:
+    if not callable(function):
+        raise ConfigError(f"{where}: {what} is not callable")
+    try:
+        inspect.signature(function).bind(*range(count))
+    except TypeError:
+        raise ConfigError(f"{where}: {what} must take {count} argument"
+                          f"{'' if count == 1 else 's'}") from None
+    except ValueError:
+        pass  # builtins without a signature: trust them
+
+
+def _hook_set(module, path: str, lines: dict) -> HookSet:
+    where = lambda name: f"{path}:{lines.get(name, '?')}"  # noqa: E731
+    for name in vars(module):
+        if name in lines and (near := _near_miss(name, KNOWN_TOP_LEVEL)):
+            raise ConfigError(f"{where(name)}: {name!r} is not a hook name; did you mean {near!r}?")
+    values = vars(module)
+    custom = set()
+    factory = SigningHooks
+    hooks_class = values.get("Hooks")
+    if hooks_class is not None:
+        if not (isinstance(hooks_class, type) and issubclass(hooks_class, SigningHooks)):
+            raise ConfigError(f"{where('Hooks')}: Hooks must be a subclass of sapid.SigningHooks")
+        for attribute in vars(hooks_class):
+            if near := _near_miss(attribute, HOOK_METHODS):
+                raise ConfigError(f"{where('Hooks.' + attribute)}: Hooks.{attribute} is not a "
+                                  f"hook; did you mean {near!r}?")
+        for method, count in HOOK_METHODS.items():
+            function = getattr(hooks_class, method)
+            if function is not getattr(SigningHooks, method):
+                _check_arity(function, count + 1, f"Hooks.{method}", where(f"Hooks.{method}"))
+                custom.add(method)
+        factory = hooks_class
+    for alias in ("API_CSR_HOOKS_FACTORY", "HOOKS_FACTORY"):
+        if alias in values and hooks_class is None:
+            factory = values[alias]
+            _check_arity(factory, 3, alias, where(alias))
+            custom.update(HOOK_METHODS)   # a factory's class is known only per request
+            break
+    functions = {}
+    for name, alias in (("boot", "CUSTOM_BOOT_CB"), ("serial_number", "SERIAL_NUMBER_GENERATOR_CB")):
+        function = values.get(name, values.get(alias))
+        if function is None:
+            functions[name] = globals()[name]
+            continue
+        shown = name if name in values else alias
+        if function is globals()[name]:
+            functions[name] = function
+            continue
+        count = HOOK_FUNCTIONS[name] if name in values else SSL_API_NAMES[alias]
+        _check_arity(function, count, shown, where(shown))
+        if name == "boot" and alias in values and name not in values:
+            functions[name] = lambda authority, cb=function: cb()
+        else:
+            functions[name] = function
+        custom.add(name)
+    hook_set = HookSet(path, factory, functions["boot"], functions["serial_number"],
+                       frozenset(custom))
+    try:
+        hook_set.draw_serial()
+    except HookError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except Exception as e:
+        raise ConfigError(f"{path}:{_error_line(e, path)}: serial_number raised "
+                          f"{type(e).__name__}: {_one_line(e)}") from None
+    return hook_set
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity: the CA's own files, read only
+# ---------------------------------------------------------------------------------------------
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """The CA certificate, its chain (issuer first) and, once decrypted, its key."""
+
+    folder: str
+    certificate: x509.Certificate
+    chain: tuple
+    key: object = dataclasses.field(repr=False, default=None)
+
+    @classmethod
+    def load(cls, folder: str, passphrase: str | None) -> Identity:
+        """Load and check the identity; without a passphrase the key stays encrypted (None)."""
+        if not os.path.isdir(folder):
+            raise ConfigError(f"{folder}: no identity folder (create one with 'sapid init')")
+        cert_path = next((os.path.join(folder, name) for name in CERT_FILES
+                          if os.path.exists(os.path.join(folder, name))),
+                         os.path.join(folder, CERT_FILES[0]))
+        try:
+            certificate = x509.load_pem_x509_certificate(_read(cert_path))
+        except ValueError as e:
+            raise ConfigError(f"{cert_path}: not a PEM certificate: {_one_line(e)}") from None
+        _check_ca_certificate(certificate, cert_path)
+        chain_path = os.path.join(folder, CHAIN_FILE)
+        chain = ()
+        if os.path.exists(chain_path):
+            try:
+                chain = tuple(x509.load_pem_x509_certificates(_read(chain_path)))
+            except ValueError as e:
+                raise ConfigError(f"{chain_path}: {_one_line(e)}") from None
+            child = certificate
+            for position, parent in enumerate(chain, 1):
+                try:
+                    child.verify_directly_issued_by(parent)
+                except (ValueError, TypeError, Exception) as e:  # InvalidSignature included
+                    raise ConfigError(f"{chain_path}: certificate {position} did not issue the one "
+                                      f"before it ({type(e).__name__}: {_one_line(e)})") from None
+                child = parent
+        key = None
+        key_path = os.path.join(folder, KEY_FILE)
+        mode = _key_mode(key_path)
+        if mode & 0o027:
+            raise ConfigError(f"{key_path}: mode {mode:04o} lets others read or the group write "
+                              f"it; chmod 0640 {key_path}")
+        pem = _read(key_path)
+        if b"ENCRYPTED" not in pem:
+            raise ConfigError(
+                f"{key_path}: the CA key is not encrypted; encrypt it with 'openssl pkcs8 -topk8 "
+                f"-v2 aes-256-cbc -iter 600000 -in {key_path} -out {key_path}.new' and move "
+                "the new file in place")
+        if passphrase is not None:
+            try:
+                key = serialization.load_pem_private_key(pem, passphrase.encode("utf-8"))
+            except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+                message = _one_line(e)
+                if "decrypt" in message.lower() or "password" in message.lower():
+                    message = "wrong passphrase"
+                raise ConfigError(f"{key_path}: cannot load the CA key: {message}") from None
+            if spki_der(key.public_key()) != spki_der(certificate.public_key()):
+                raise ConfigError(f"{key_path}: the key does not match {cert_path}")
+            if weakness := key_protection(pem):
+                log.warning("%s %s; re-wrap it with 'openssl pkcs8 -topk8 -v2 aes-256-cbc "
+                            "-iter 600000'", key_path, weakness)
+        return cls(folder, certificate, chain, key)
+
+    def pem(self) -> bytes:
+        """The CA certificate followed by its chain."""
+        return b"".join(c.public_bytes(serialization.Encoding.PEM)
+                        for c in (self.certificate, *self.chain))
+
+
+def _key_mode(path: str) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+
+
+def _check_ca_certificate(certificate: x509.Certificate, path: str) -> None:
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise ConfigError(f"{path}: not a CA certificate (basicConstraints CA:TRUE is missing)")
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not usage.key_cert_sign:
+            raise ConfigError(f"{path}: keyUsage lacks keyCertSign; this certificate cannot sign")
+    except x509.ExtensionNotFound:
+        pass  # RFC 5280 asks for keyUsage in CA certificates; its absence allows every use
+    now = utcnow()
+    if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+        raise ConfigError(f"{path}: not valid now (valid {iso_time(certificate.not_valid_before_utc)}"
+                          f" to {iso_time(certificate.not_valid_after_utc)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issued records: nothing signed is lost
+# ---------------------------------------------------------------------------------------------
+
+JOURNAL_FILE = "issued.pem"
+INDEX_FOLDER = "issued"
+PEM_END = b"-----END CERTIFICATE-----\n"
+
+
+class _Batch:
+    __slots__ = ("records", "done", "error")
+
+    def __init__(self):
+        self.records, self.done, self.error = [], False, None
+
+
+class Records:
+    """``<state>/issued.pem``, an append-only journal fsync'd before any reply (one fsync shared
+    by the issuances waiting for it), and ``<state>/issued/<SERIAL>.pem``, an index rebuilt from
+    the journal at start."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.index = os.path.join(folder, INDEX_FOLDER)
+        self.journal = os.path.join(folder, JOURNAL_FILE)
+        try:
+            os.makedirs(folder, mode=0o750, exist_ok=True)
+            os.makedirs(self.index, mode=0o750, exist_ok=True)
+            self._fd = os.open(self.journal, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o640)
+        except OSError as e:
+            raise ConfigError(f"{e.filename or folder}: cannot open the issued records: "
+                              f"{e.strerror}") from None
+        self._lock = threading.Condition(threading.Lock())
+        self._open = _Batch()
+        self._flushing = False
+        self.count = self._recover()
+
+    def _recover(self) -> int:
+        """Cut a torn last record, drop temporary files, restore missing index files."""
+        with open(self.journal, "rb") as file:
+            data = file.read()
+        end = data.rfind(PEM_END) + len(PEM_END) if PEM_END in data else 0
+        if end != len(data):
+            log.warning("%s: dropping %d bytes of an unfinished record", self.journal,
+                        len(data) - end)
+            os.ftruncate(self._fd, end)
+            data = data[:end]
+        present = set()
+        for name in os.listdir(self.index):
+            if name.endswith(".tmp"):
+                os.unlink(os.path.join(self.index, name))
+            else:
+                present.add(name)
+        records = data.split(b"# serial ")[1:]
+        for record in records:
+            serial = record.split(b" ", 1)[0].split(b"\n", 1)[0].decode("ascii", "replace")
+            if f"{serial}.pem" not in present and re.fullmatch(r"[0-9A-F]+", serial):
+                pem = record[record.find(b"-----BEGIN"):]
+                self._write_index(serial, pem)
+                log.info("restored %s/%s.pem from the journal", self.index, serial)
+        return len(records)
+
+    def _write_index(self, serial: str, pem: bytes) -> bool:
+        """Create ``<SERIAL>.pem`` exclusively and whole; False when that serial exists."""
+        final = os.path.join(self.index, f"{serial}.pem")
+        temporary = os.path.join(self.index, f".{serial}.{threading.get_ident()}.tmp")
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            try:
+                _write_all(fd, pem)
+            finally:
+                os.close(fd)
+            try:
+                os.link(temporary, final)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temporary)
+        except OSError as e:
+            with _suppress_os_error():
+                os.unlink(temporary)
+            raise StoreError(f"{self.index}: {e.strerror}") from None
+        return True
+
+    def add(self, serial: str, pem: bytes, client_id: str) -> bool:
+        """Record a certificate durably; False (nothing written) when its serial is taken."""
+        if not self._write_index(serial, pem):
+            return False
+        record = f"# serial {serial} client {client_id} at {iso_time(utcnow())}\n".encode() + pem
+        try:
+            self._append(record)
+        except StoreError:
+            with _suppress_os_error():
+                os.unlink(os.path.join(self.index, f"{serial}.pem"))
+            raise
+        return True
+
+    def _append(self, record: bytes) -> None:
+        with self._lock:
+            batch = self._open
+            batch.records.append(record)
+            while not batch.done:
+                if self._flushing:
+                    self._lock.wait()
+                    continue
+                # Nobody is flushing, so our batch is still the open one: lead its flush.
+                self._flushing = True
+                self._open = _Batch()
+                self._lock.release()
+                try:
+                    error = self._flush(b"".join(batch.records))
+                finally:
+                    self._lock.acquire()
+                    self._flushing = False
+                    batch.done, batch.error = True, error
+                    if error is None:
+                        self.count += len(batch.records)
+                    self._lock.notify_all()
+        if batch.error is not None:
+            raise StoreError(f"{self.journal}: {batch.error}")
+
+    def _flush(self, data: bytes) -> str | None:
+        size = os.fstat(self._fd).st_size
+        try:
+            _write_all(self._fd, data)
+            os.fdatasync(self._fd)
+            return None
+        except OSError as e:
+            with _suppress_os_error():
+                os.ftruncate(self._fd, size)   # no torn record behind a failed write
+            return e.strerror or str(e)
+
+    def close(self) -> None:
+        with _suppress_os_error():
+            os.close(self._fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _suppress_os_error:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, trace):
+        return kind is not None and issubclass(kind, OSError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hook runner: operator code on daemon threads, so a hung hook costs a thread, not the daemon
+# ---------------------------------------------------------------------------------------------
+
+class HookRunner:
+    """Runs hook calls with a timeout on a bounded set of daemon threads started on demand."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._tasks = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = self._idle = self._pending = 0
+
+    def call(self, timeout: float, function, *args):
+        future = Future()
+        with self._lock:
+            self._pending += 1
+            if self._pending > self._idle and self._threads < self._limit:
+                self._threads += 1
+                threading.Thread(target=self._work, name="sapid-hook", daemon=True).start()
+        self._tasks.put((future, function, args))
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise RequestError(503, "hook_timeout",
+                               f"a hook did not finish within {timeout:g} s") from None
+
+    def _work(self):
+        while True:
+            with self._lock:
+                self._idle += 1
+            future, function, args = self._tasks.get()
+            with self._lock:
+                self._idle -= 1
+                self._pending -= 1
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function(*args))
+                except BaseException as e:  # handed to the waiting request
+                    future.set_exception(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Authority: the signing pipeline
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Issued:
+    """A signed, recorded certificate and what the reply says of it."""
+
+    certificate: x509.Certificate
+    pem: bytes
+    serial: str
+    fingerprint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Signing:
+    """One signing request as the pipeline takes it."""
+
+    body: bytes
+    client_id: str
+    peer: tuple | None = None
+    headers: Headers | None = None
+
+
+EXTENSION_LEAF = x509.Extension(ExtensionOID.BASIC_CONSTRAINTS, True,
+                                x509.BasicConstraints(ca=False, path_length=None))
+EXTENSION_EKU = x509.Extension(ExtensionOID.EXTENDED_KEY_USAGE, False, x509.ExtendedKeyUsage(
+    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]))
+
+
+def _key_usage(key_encipherment: bool) -> x509.Extension:
+    return x509.Extension(ExtensionOID.KEY_USAGE, True, x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=key_encipherment,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False))
+
+
+EXTENSION_USAGE_RSA = _key_usage(True)
+EXTENSION_USAGE = _key_usage(False)
+
+
+class Authority:
+    """The CA at work: identity, hooks, records and configuration, fixed until a reload."""
+
+    def __init__(self, config: Config, identity: Identity, hooks: HookSet,
+                 records: Records | None, runner: HookRunner):
+        self.config, self.identity, self.hooks = config, identity, hooks
+        self.records, self.runner = records, runner
+        # Per-request constants, worked out once.
+        certificate = identity.certificate
+        self._issuer = certificate.subject
+        self._not_after_limit = certificate.not_valid_after_utc
+        self._hash = signature_hash(identity.key) if identity.key is not None else None
+        try:
+            ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        except x509.ExtensionNotFound:
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(certificate.public_key())
+        self._aki = x509.Extension(ExtensionOID.AUTHORITY_KEY_IDENTIFIER, False, aki)
+        self.ca_pem = identity.pem()
+        self.ca_pem_text = self.ca_pem.decode()
+        self._backdate = datetime.timedelta(seconds=config.backdate_seconds)
+        self._validity = datetime.timedelta(days=config.validity_days)
+        self.info = AuthorityInfo(certificate, identity.chain, config)
+
+    @classmethod
+    def open(cls, config: Config, passphrase: str | None, runner: HookRunner, *,
+             records: Records | None = None, store: bool = True) -> Authority:
+        """Load identity and hooks, call ``boot``, open the records (unless ``store`` is off)."""
+        identity = Identity.load(config.identity, passphrase)
+        hooks = load_hooks(config.hooks_path())
+        try:
+            hooks.boot(AuthorityInfo(identity.certificate, identity.chain, config))
+        except Exception as e:
+            where = hooks.path or "built-in hooks"
+            raise ConfigError(f"{where}:{_error_line(e, where)}: boot refused: "
+                              f"{type(e).__name__}: {_one_line(e)}") from None
+        if store and (records is None or records.folder != config.state):
+            records = Records(config.state)
+        return cls(config, identity, hooks, records, runner)
+
+    # The pipeline -----------------------------------------------------------------------------
+
+    def issue(self, signing: Signing) -> Issued:
+        """Check, authorize, draft, presign, sign, record, postsign; audited either way."""
+        subject = csr_fingerprint = None
+        try:
+            csr = parse_csr(signing.body)
+            csr_fingerprint = hashlib.sha256(signing.body).hexdigest()
+            checked = check_csr(csr)
+            subject = subject_text(checked.subject)
+            if self.hooks.custom - {"postsign"}:
+                instance, draft = self._call("authorize", self._prepare, signing, checked)
+            else:
+                instance, draft = self._prepare(signing, checked)
+            issued = self._sign_and_record(draft, signing.client_id)
+        except RequestError as e:
+            audit("refused", signing.client_id, subject, None, csr_fingerprint, e.code, e.message)
+            raise
+        audit("issued", signing.client_id, subject, issued.serial, issued.fingerprint)
+        if "postsign" in self.hooks.custom:
+            try:
+                self._call("postsign", instance.postsign, issued.certificate)
+            except RequestError as e:
+                audit("withheld", signing.client_id, subject, issued.serial, issued.fingerprint,
+                      e.code, e.message)
+                raise
+        return issued
+
+    def _call(self, phase: str, function, *args):
+        """Run operator code with the hook timeout; its failures become 403 or 500."""
+        try:
+            return self.runner.call(self.config.hook_timeout, function, *args)
+        except RequestError:
+            raise
+        except NotAuthorized as e:
+            raise RequestError(403, "not_authorized", str(e) or "not authorized") from None
+        except Exception:
+            log.exception("hook %s failed (%s)", phase, self.hooks.path)
+            raise RequestError(500, "hook_error",
+                               "a hook of this CA failed; its log has the details") from None
+
+    def _prepare(self, signing: Signing, checked: CheckedCSR):
+        """Hooks instance, authorize, draft and presign: everything before the key is used."""
+        csr = checked.csr
+        custom = self.hooks.custom
+        pem = signing.body.decode("ascii", "replace") if signing.body.lstrip()[:1] == b"-" else (
+            csr.public_bytes(serialization.Encoding.PEM).decode())
+        instance = self.hooks.new(signing.client_id, hashlib.sha1(checked.spki).hexdigest(), csr,
+                                  pem)
+        instance.peer = signing.peer
+        if signing.headers is not None:
+            instance.headers = signing.headers
+        validity = self._validity
+        if "authorize" in custom:
+            try:
+                answer = instance.authorize(list(checked.subject_alt_names))
+            except NotAuthorized as e:
+                raise RequestError(403, "not_authorized", str(e) or "not authorized") from None
+            if answer is False:
+                raise RequestError(403, "not_authorized", "not authorized")
+            if isinstance(answer, datetime.timedelta):
+                if answer <= datetime.timedelta(0):
+                    raise HookError(f"authorize returned a validity of {answer}, not positive")
+                validity = answer
+            elif answer is not None and answer is not True:
+                raise HookError(f"authorize returned {type(answer).__name__}: None, a timedelta "
+                                "or False expected")
+        draft = self.draft(checked, validity)
+        if "presign" in custom:
+            instance.presign(draft)
+        return instance, draft
+
+    def draft(self, checked: CheckedCSR, validity: datetime.timedelta) -> Draft:
+        """The default profile of DESIGN.md for this CSR."""
+        now = utcnow()
+        public_key = checked.public_key
+        extensions = {
+            ExtensionOID.BASIC_CONSTRAINTS: EXTENSION_LEAF,
+            ExtensionOID.KEY_USAGE: (EXTENSION_USAGE_RSA if isinstance(public_key, rsa.RSAPublicKey)
+                                     else EXTENSION_USAGE),
+            ExtensionOID.EXTENDED_KEY_USAGE: EXTENSION_EKU,
+            ExtensionOID.SUBJECT_KEY_IDENTIFIER: x509.Extension(
+                ExtensionOID.SUBJECT_KEY_IDENTIFIER, False,
+                x509.SubjectKeyIdentifier.from_public_key(public_key)),
+            ExtensionOID.AUTHORITY_KEY_IDENTIFIER: self._aki,
+        }
+        if checked.subject_alt_names:
+            extensions[ExtensionOID.SUBJECT_ALTERNATIVE_NAME] = x509.Extension(
+                ExtensionOID.SUBJECT_ALTERNATIVE_NAME, not len(checked.subject),
+                x509.SubjectAlternativeName(checked.subject_alt_names))
+        return Draft(checked.subject, public_key, self.hooks.draw_serial(), now - self._backdate,
+                     min(now + validity, self._not_after_limit), extensions)
+
+    def sign(self, draft: Draft) -> x509.Certificate:
+        """Sign ``draft``; validity is clamped to the CA's own whatever presign did."""
+        not_after = min(draft.not_valid_after, self._not_after_limit)
+        if not_after <= draft.not_valid_before:
+            raise HookError("the draft's not_valid_after is not after its not_valid_before")
+        try:
+            builder = x509.CertificateBuilder(
+                issuer_name=self._issuer, subject_name=draft.subject,
+                public_key=draft.public_key, serial_number=normalize_serial(draft.serial_number),
+                not_valid_before=draft.not_valid_before, not_valid_after=not_after,
+                extensions=list(draft.extensions.values()))
+            return builder.sign(self.identity.key, self._hash)
+        except (TypeError, ValueError) as e:
+            raise HookError(f"the draft cannot be signed: {_one_line(e)}") from None
+
+    def _sign_and_record(self, draft: Draft, client_id: str) -> Issued:
+        for _ in range(SERIAL_ATTEMPTS):
+            try:
+                certificate = self.sign(draft)
+            except HookError:
+                log.exception("presign left a draft that cannot be signed")
+                raise RequestError(500, "hook_error",
+                                   "a hook of this CA failed; its log has the details") from None
+            pem = certificate.public_bytes(serialization.Encoding.PEM)
+            serial = serial_hex(certificate.serial_number)
+            try:
+                if self.records is None or self.records.add(serial, pem, client_id):
+                    fingerprint = certificate.fingerprint(hashes.SHA256()).hex()
+                    return Issued(certificate, pem, serial, fingerprint)
+            except StoreError as e:
+                log.error("certificate %s not recorded, so not returned: %s", serial, e)
+                raise RequestError(503, "store_failed",
+                                   "the CA cannot record certificates right now") from None
+            log.warning("serial %s is taken; drawing another", serial)
+            draft.serial_number = self.hooks.draw_serial()
+        raise RequestError(503, "store_failed", "no unused serial number could be drawn")
+
+
+def audit(outcome: str, client_id, subject, serial, fingerprint, code=None, reason=None) -> None:
+    """One line per issuance or refusal, values JSON-quoted (subjects can hold newlines)."""
+    fields = {"SAPID_OUTCOME": outcome, "SAPID_CLIENT_ID": client_id or "",
+              "SAPID_SERIAL": serial or "", "SAPID_FINGERPRINT": fingerprint or ""}
+    text = (f"audit outcome={outcome} client_id={json.dumps(client_id)} "
+            f"subject={json.dumps(subject)} serial={json.dumps(serial)} "
+            f"sha256={json.dumps(fingerprint)}")
+    if code:
+        text += f" code={json.dumps(code)} reason={json.dumps(reason)}"
+    log.info("%s", text, extra=fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP/1.1: requests are read whole by one thread that waits on every connection at once, then
+# handed to a bounded pool.  Idle, slow or half-sent connections hold no thread.
+# ---------------------------------------------------------------------------------------------
+
+PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}\Z")
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A whole request; ``body`` is None when it came with neither length nor chunks."""
+
+    method: str
+    path: str
+    version: str
+    headers: dict       # lower-case name -> value
+    body: bytes | None
+    peer: tuple | None
+    keep_alive: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple = ()
+
+
+def json_response(status: int, document: dict, headers: tuple = ()) -> Response:
+    return Response(status, (json.dumps(document, indent=1) + "\n").encode(), headers=headers)
+
+
+def error_response(error: RequestError) -> Response:
+    return json_response(error.status, {"error": error.code, "message": error.message},
+                         error.headers)
+
+
+@dataclasses.dataclass
+class _Head:
+    method: str
+    path: str
+    version: str
+    headers: dict
+    length: int | None       # Content-Length, or None
+    chunked: bool
+    keep_alive: bool
+    expects_continue: bool
+
+
+def parse_head(raw: bytes, limit: int) -> _Head:
+    """Request line and headers, strictly (RFC 9112); RequestError for anything ambiguous."""
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not TOKEN.match(parts[0]) or not parts[1]:
+        raise RequestError(400, "bad_request", "malformed request line")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise RequestError(505 if version.startswith("HTTP/") else 400, "bad_request",
+                           f"unsupported protocol {version[:16]!r}: HTTP/1.1 or HTTP/1.0")
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not TOKEN.match(name):
+            raise RequestError(400, "bad_request", "malformed header line")
+        name, value = name.lower(), value.strip(" \t")
+        if name in headers:
+            if name in ("content-length", "transfer-encoding", "host"):
+                raise RequestError(400, "bad_request", f"repeated {name} header")
+            value = f"{headers[name]}, {value}"
+        headers[name] = value
+    length = None
+    if "content-length" in headers:
+        text = headers["content-length"]
+        if not (text.isascii() and text.isdigit() and len(text) <= 18):
+            raise RequestError(400, "bad_request", "malformed Content-Length")
+        length = int(text)
+    chunked = "transfer-encoding" in headers
+    if chunked:
+        if headers["transfer-encoding"].lower() != "chunked" or version == "HTTP/1.0":
+            raise RequestError(400, "bad_request", "only Transfer-Encoding: chunked is understood")
+        if length is not None:
+            raise RequestError(400, "bad_request", "both Content-Length and Transfer-Encoding")
+    if length is not None and length > limit:
+        raise RequestError(413, "too_large", f"body of {length} bytes is over the limit of {limit}")
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
+    expects = headers.get("expect", "").lower() == "100-continue" and version == "HTTP/1.1"
+    return _Head(method, target, version, headers, length, chunked, keep_alive, expects)
+
+
+def dechunk(data: bytes | bytearray, pos: int, limit: int) -> tuple[bytes, int] | None:
+    """The body of a chunked message at ``data[pos:]`` and where it ends; None while partial."""
+    pieces, total = [], 0
+    while True:
+        eol = data.find(b"\r\n", pos)
+        if eol < 0:
+            if len(data) - pos > 256:
+                raise RequestError(400, "bad_request", "malformed chunk size")
+            return None
+        size_text = bytes(data[pos:eol]).split(b";", 1)[0].strip()
+        if not CHUNK_SIZE.match(size_text):
+            raise RequestError(400, "bad_request", "malformed chunk size")
+        size, pos = int(size_text, 16), eol + 2
+        if size == 0:
+            while True:          # trailer fields, ignored, up to the empty line
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    return None
+                if eol == pos:
+                    return b"".join(pieces), eol + 2
+                pos = eol + 2
+        total += size
+        if total > limit:
+            raise RequestError(413, "too_large", f"body is over the limit of {limit} bytes")
+        if len(data) < pos + size + 2:
+            return None
+        if data[pos + size:pos + size + 2] != b"\r\n":
+            raise RequestError(400, "bad_request", "malformed chunk")
+        pieces.append(bytes(data[pos:pos + size]))
+        pos += size + 2
+
+
+class _HttpDate:
+    """The Date header, formatted once a second."""
+
+    def __init__(self):
+        self._second, self._text = None, ""
+
+    def __call__(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._text = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+        return self._text
+
+
+http_date = _HttpDate()
+
+
+def encode_response(response: Response, head_only: bool, close: bool, version: str) -> bytes:
+    lines = [f"HTTP/1.1 {response.status} {PHRASES.get(response.status, 'Unknown')}",
+             f"Server: sapid/{__version__}", f"Date: {http_date()}",
+             f"Content-Type: {response.content_type}",
+             f"Content-Length: {len(response.body)}", "Cache-Control: no-store"]
+    if close:
+        lines.append("Connection: close")
+    elif version == "HTTP/1.0":
+        lines.append("Connection: keep-alive")
+    lines.extend(f"{name}: {value}" for name, value in response.headers)
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + response.body
+
+
+class SigningHandler:
+    """Maps requests to the API of sapid(8); the one place where errors become responses."""
+
+    def __init__(self, server: SigningServer):
+        self.server = server
+
+    def respond(self, request: Request) -> Response:
+        try:
+            return self._route(request)
+        except RequestError as e:
+            return error_response(e)
+        except Exception:
+            log.exception("internal error answering %s %s", request.method, request.path[:200])
+            return error_response(RequestError(500, "internal_error",
+                                               "internal error; the CA's log has the details"))
+
+    def _route(self, request: Request) -> Response:
+        path = request.path.split("?", 1)[0]
+        if path.startswith("/api/csr/"):
+            return self._sign(request, path[9:])
+        if path == "/api/ca":
+            _allow(request, ("GET", "HEAD"))
+            return Response(200, self.server.authority.ca_pem,
+                            "application/pem-certificate-chain")
+        if path == "/api/health":
+            _allow(request, ("GET", "HEAD"))
+            if self.server.stopping:
+                return json_response(503, {"status": "stopping"})
+            authority = self.server.authority
+            return json_response(200, {
+                "status": "ok", "version": __version__,
+                "ca_subject": subject_text(authority.identity.certificate.subject),
+                "certificates_issued": authority.records.count if authority.records else 0})
+        raise RequestError(404, "not_found", f"no such resource: {path[:100]}")
+
+    def _sign(self, request: Request, client_id: str) -> Response:
+        _allow(request, ("PUT", "POST"))
+        authority = self.server.authority
+        try:
+            if not CLIENT_ID.match(client_id):
+                raise RequestError(400, "bad_client_id",
+                                   "client id must be 1 to 128 letters and digits")
+            if request.body is None:
+                raise RequestError(411, "length_required", "send the CSR with a Content-Length")
+            media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media and media not in CSR_MEDIA_TYPES:
+                raise RequestError(415, "unsupported_media_type", f"Content-Type {media[:60]!r} "
+                                   "refused: send application/pkcs10 or PEM text")
+            if self.server.stopping:
+                raise RequestError(503, "shutting_down", "the CA is shutting down; retry shortly")
+        except RequestError as e:
+            audit("refused", client_id[:128], None, None, None, e.code, e.message)
+            raise
+        issued = authority.issue(Signing(request.body, client_id, request.peer,
+                                         self._hook_headers(request.headers, authority)))
+        certificate = issued.certificate
+        return json_response(200, {
+            "signed_x509_pem": issued.pem.decode(),
+            "ca_x509_pem": authority.ca_pem_text,
+            "serial": issued.serial,
+            "not_before": iso_time(certificate.not_valid_before_utc),
+            "not_after": iso_time(certificate.not_valid_after_utc),
+            "sha256_fingerprint": issued.fingerprint,
+        })
+
+    @staticmethod
+    def _hook_headers(headers: dict, authority: Authority) -> Headers:
+        if authority.config.trusted_proxy:
+            return Headers(headers)
+        return Headers({k: v for k, v in headers.items() if not k.startswith(PROXY_HEADER_PREFIXES)})
+
+
+def _allow(request: Request, methods: tuple) -> None:
+    if request.method not in methods:
+        raise RequestError(405, "method_not_allowed", f"{request.method[:20]} not allowed here; "
+                           f"use {' or '.join(methods)}", (("Allow", ", ".join(methods)),))
+
+
+class Connection:
+    """One client connection as the reception thread sees it."""
+
+    __slots__ = ("sock", "peer", "buffer", "deadline", "started", "head", "head_end",
+                 "continued", "lingering", "busy")
+
+    def __init__(self, sock: socket.socket, peer, deadline: float):
+        self.sock, self.peer, self.deadline = sock, peer, deadline
+        self.buffer = bytearray()
+        self.started = self.continued = self.lingering = self.busy = False
+        self.head = None
+        self.head_end = 0
+
+
+class SigningServer:
+    """Accepts on one listening socket; one thread reads requests, ``max_threads`` answer them.
+
+    The stdlib's ThreadingMixIn gives each connection a thread for its whole life, so idle and
+    slow clients would hold threads; here they hold only a buffer.
+    """
+
+    def __init__(self, listener: socket.socket, authority: Authority, max_threads: int):
+        self.listener = listener
+        self.authority = authority
+        self.stopping = False
+        self.handler = SigningHandler(self)
+        self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix="sapid-worker")
+        self._selector = selectors.DefaultSelector()
+        self._connections: dict[int, Connection] = {}
+        self._returns = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for sock in (self._wake_r, self._wake_w, listener):
+            sock.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._selector.register(listener, selectors.EVENT_READ, "listen")
+        self._unix = listener.family == socket.AF_UNIX
+        self._accept_paused_until = 0.0
+
+    @property
+    def wake_fd(self) -> int:
+        return self._wake_w.fileno()
+
+    def wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass   # already awake
+
+    # The reception loop -----------------------------------------------------------------------
+
+    def serve(self, tick) -> None:
+        """Serve until stopped and every request in flight has its answer; ``tick`` runs each turn."""
+        while not (self.stopping and not self._connections):
+            for key, _ in self._selector.select(0.25):
+                if key.data == "listen":
+                    self._accept()
+                elif key.data == "wake":
+                    self._drain_wake()
+                else:
+                    self._receive(key.data)
+            self._take_returns()
+            now = time.monotonic()
+            if self._accept_paused_until and now >= self._accept_paused_until:
+                self._accept_paused_until = 0.0
+                self._selector.register(self.listener, selectors.EVENT_READ, "listen")
+            self._expire(now)
+            tick()
+        self._pool.shutdown(wait=True)
+        self._selector.close()
+
+    def stop(self) -> None:
+        """Stop accepting and reading; requests already read still get their answers."""
+        if self.stopping:
+            return
+        self.stopping = True
+        with _suppress_os_error():
+            if not self._accept_paused_until:
+                self._selector.unregister(self.listener)
+        self.listener.close()
+        for conn in list(self._connections.values()):
+            if conn.busy:
+                continue
+            if conn.started and not conn.lingering:
+                self._reject(conn, RequestError(503, "shutting_down", "the CA is shutting down"))
+            self._close(conn)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _accept(self) -> None:
+        now = time.monotonic()
+        for _ in range(64):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept connections: %s; pausing 0.1 s", e.strerror)
+                    self._selector.unregister(self.listener)
+                    self._accept_paused_until = now + 0.1
+                    return
+                if e.errno == errno.ECONNABORTED:
+                    continue
+                raise
+            if len(self._connections) >= MAX_CONNECTIONS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            peer = None
+            if self._unix:
+                with _suppress_os_error():
+                    peer = struct.unpack("3i", sock.getsockopt(
+                        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            conn = Connection(sock, peer, now + self.authority.config.request_timeout)
+            self._connections[sock.fileno()] = conn
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _receive(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        if conn.lingering:
+            return   # draining what a refused client still sends
+        if not conn.started:
+            conn.started = True
+            conn.deadline = time.monotonic() + self.authority.config.request_timeout
+        conn.buffer += data
+        self._advance(conn)
+
+    def _advance(self, conn: Connection) -> None:
+        """Hand a complete request to the pool, or wait for more of it."""
+        config = self.authority.config
+        buffer = conn.buffer
+        try:
+            if conn.head is None:
+                while buffer[:2] == b"\r\n":      # RFC 9112 2.2: ignore stray empty lines
+                    del buffer[:2]
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buffer) > MAX_HEAD_BYTES:
+                        raise RequestError(431, "too_large",
+                                           f"request head over {MAX_HEAD_BYTES} bytes")
+                    if not buffer:
+                        conn.started = False
+                    return
+                conn.head = parse_head(bytes(buffer[:end]), config.max_request_bytes)
+                conn.head_end = end + 4
+            head = conn.head
+            if head.chunked:
+                done = dechunk(buffer, conn.head_end, config.max_request_bytes)
+                if done is None:
+                    self._continue(conn)
+                    return
+                body, consumed = done
+            elif head.length is not None:
+                consumed = conn.head_end + head.length
+                if len(buffer) < consumed:
+                    self._continue(conn)
+                    return
+                body = bytes(buffer[conn.head_end:consumed])
+            else:
+                body, consumed = None, conn.head_end
+        except RequestError as e:
+            self._reject(conn, e)
+            return
+        del buffer[:consumed]
+        conn.head, conn.continued, conn.busy = None, False, True
+        request = Request(head.method, head.path, head.version, head.headers, body, conn.peer,
+                          head.keep_alive)
+        self._selector.unregister(conn.sock)
+        self._pool.submit(self._answer, conn, request)
+
+    def _continue(self, conn: Connection) -> None:
+        if conn.head.expects_continue and not conn.continued:
+            conn.continued = True
+            with _suppress_os_error():
+                conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _reject(self, conn: Connection, error: RequestError) -> None:
+        """Answer an unreadable request and close, draining what the client still sends."""
+        log.info("refused a request: %s", error.message)
+        data = encode_response(error_response(error), False, True, "HTTP/1.1")
+        conn.lingering, conn.buffer, conn.head = True, bytearray(), None
+        conn.deadline = time.monotonic() + 2.0
+        try:
+            conn.sock.send(data)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+
+    def _expire(self, now: float) -> None:
+        for conn in list(self._connections.values()):
+            if conn.busy or now < conn.deadline:
+                continue
+            if conn.started and not conn.lingering:
+                self._reject(conn, RequestError(408, "request_timeout",
+                                                "the request did not arrive in time"))
+            else:
+                self._close(conn)
+
+    def _close(self, conn: Connection) -> None:
+        fd = conn.sock.fileno()
+        if self._connections.pop(fd, None) is not None and not conn.busy:
+            with _suppress_os_error():
+                self._selector.unregister(conn.sock)
+        conn.sock.close()
+
+    def _take_returns(self) -> None:
+        """Connections that a worker has answered: close them or wait for their next request."""
+        while True:
+            try:
+                conn, keep = self._returns.get_nowait()
+            except queue.Empty:
+                return
+            conn.busy = False
+            if not keep or self.stopping:
+                self._connections.pop(conn.sock.fileno(), None)
+                conn.sock.close()
+                continue
+            conn.started = bool(conn.buffer)
+            conn.deadline = time.monotonic() + self.authority.config.request_timeout
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+            if conn.buffer:
+                self._advance(conn)
+
+    # The workers ------------------------------------------------------------------------------
+
+    def _answer(self, conn: Connection, request: Request) -> None:
+        response = self.handler.respond(request)
+        keep = request.keep_alive and not self.stopping
+        data = encode_response(response, request.method == "HEAD", not keep, request.version)
+        try:
+            conn.sock.settimeout(self.authority.config.request_timeout)
+            conn.sock.sendall(data)
+            conn.sock.setblocking(False)
+        except OSError:
+            keep = False
+        self._returns.put((conn, keep))
+        self.wake()
+
+    def close(self) -> None:
+        for conn in list(self._connections.values()):
+            conn.sock.close()
+        self._connections.clear()
+        for sock in (self._wake_r, self._wake_w):
+            sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The daemon: sockets, signals, readiness, reload
+# ---------------------------------------------------------------------------------------------
+
+def open_listener(config: Config, listen: str | None) -> tuple[socket.socket, str, bool]:
+    """(socket, where, whether we bound a path we must remove): systemd's, TCP, or our own."""
+    passed = listen_fds()
+    if passed:
+        fd, name = next(((fd, name) for fd, name in passed if name == "sapid"), passed[0])
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET,
+                                                                   socket.SO_ACCEPTCONN):
+            raise ConfigError(f"socket {name!r} passed by systemd is not a listening stream socket")
+        where = sock.getsockname() or name
+        return sock, f"{where} (from systemd)", False
+    if listen:
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        try:
+            address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+            port_number = int(port)
+        except ValueError:
+            raise ConfigError(f"--listen {listen!r}: expected ADDRESS:PORT, e.g. 127.0.0.1:8080"
+                              ) from None
+        if not address.is_loopback:
+            raise ConfigError(f"--listen {listen!r}: loopback addresses only; put nginx in front")
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((str(address), port_number))
+        except OSError as e:
+            sock.close()
+            raise ConfigError(f"--listen {listen}: {e.strerror}") from None
+        sock.listen(LISTEN_BACKLOG)
+        return sock, f"http://{listen}", False
+    path = config.socket
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    previous = os.umask(0o117)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o660)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"{path}: cannot listen: {e.strerror}") from None
+    finally:
+        os.umask(previous)
+    sock.listen(LISTEN_BACKLOG)
+    return sock, path, True
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink ``path`` only if it is a socket nobody answers on."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path}: exists and is not a socket; not touching it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+            return
+    raise ConfigError(f"{path}: another process is serving on it")
+
+
+class Daemon:
+    """``sapid serve``: one process that systemd sees as one service."""
+
+    def __init__(self, config_path: str | None, socket_path: str | None, listen: str | None):
+        self.config_path, self.socket_path, self.listen = config_path, socket_path, listen
+        self._signals = []
+        self._watchdog_interval = None
+        self._next_watchdog = self._next_status = 0.0
+        self._status = None
+
+    def _config(self) -> Config:
+        config = Config.load(self.config_path)
+        return dataclasses.replace(config, socket=self.socket_path) if self.socket_path else config
+
+    def run(self) -> int:
+        config = self._config()
+        disable_core_dumps()
+        self._passphrase = read_passphrase()
+        self._raise_file_limit()
+        self.runner = HookRunner(config.max_threads * 2)
+        authority = Authority.open(config, self._passphrase, self.runner)
+        if authority.hooks.path is None:
+            log.warning("no hooks file: every valid CSR is signed (set 'hooks' in %s)",
+                        config.path or DEFAULT_CONFIG)
+        listener, self.where, bound = open_listener(config, self.listen)
+        bound_path = config.socket if bound else None
+        self.server = SigningServer(listener, authority, config.max_threads)
+        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+        previous = {signum: signal.signal(signum, self._queue_signal) for signum in handled}
+        wakeup = signal.set_wakeup_fd(self.server.wake_fd, warn_on_full_buffer=False)
+        try:
+            usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+            if usec > 0 and os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
+                self._watchdog_interval = usec / 2e6
+        except ValueError:
+            pass
+        log.info("serving on %s with CA %s", self.where,
+                 subject_text(authority.identity.certificate.subject))
+        sd_notify(f"READY=1\nSTATUS={self._status_text()}\nMAINPID={os.getpid()}")
+        try:
+            self.server.serve(self._tick)
+        finally:
+            signal.set_wakeup_fd(wakeup)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.server.close()
+            if bound_path:
+                with _suppress_os_error():
+                    os.unlink(bound_path)
+            if authority.records:
+                authority.records.close()
+        log.info("stopped")
+        return 0
+
+    @staticmethod
+    def _raise_file_limit() -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = min(hard, MAX_CONNECTIONS + 256)
+        if soft < wanted:
+            with _suppress_os_error():
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+    def _queue_signal(self, signum, frame) -> None:
+        self._signals.append(signum)   # only queued: handled by _tick in the main loop
+
+    def _tick(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGHUP:
+                self.handle_hup()
+            else:
+                self.handle_term(signum)
+        now = time.monotonic()
+        if self._watchdog_interval and now >= self._next_watchdog:
+            sd_notify("WATCHDOG=1")
+            self._next_watchdog = now + self._watchdog_interval
+        if now >= self._next_status and not self.server.stopping:
+            status = self._status_text()
+            if status != self._status:
+                sd_notify(f"STATUS={status}")
+                self._status = status
+            self._next_status = now + 5.0
+
+    def _status_text(self) -> str:
+        records = self.server.authority.records if hasattr(self, "server") else None
+        count = records.count if records else 0
+        return f"serving on {self.where}, {count} certificates signed"
+
+    def handle_hup(self) -> None:
+        """Reload config, identity and hooks; on any error keep serving with the old ones."""
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}\nSTATUS=reloading")
+        old = self.server.authority
+        try:
+            config = dataclasses.replace(self._config(), socket=old.config.socket,
+                                         max_threads=old.config.max_threads)
+            self.server.authority = Authority.open(config, self._passphrase, self.runner,
+                                                   records=old.records)
+            log.info("reloaded: CA %s, hooks %s",
+                     subject_text(self.server.authority.identity.certificate.subject),
+                     self.server.authority.hooks.path or "built-in")
+        except SapidError as e:
+            log.error("reload failed, still serving with the previous setup: %s", e)
+        self._status = None
+        sd_notify(f"READY=1\nSTATUS={self._status_text()}")
+
+    def handle_term(self, signum: int) -> None:
+        log.info("%s: finishing the requests in flight", signal.Signals(signum).name)
+        sd_notify("STOPPING=1\nSTATUS=stopping")
+        self.server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging: journald fields when systemd-python is there, else syslog-prefixed lines on stderr
+# ---------------------------------------------------------------------------------------------
+
+SYSLOG_LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                 logging.CRITICAL: 2}
+
+
+class _PrefixFormatter(logging.Formatter):
+    """``<N>message``: journald reads the priority from the prefix."""
+
+    def format(self, record):
+        text = super().format(record)
+        level = SYSLOG_LEVELS.get(record.levelno, 6)
+        return "\n".join(f"<{level}>{line}" for line in text.splitlines())
+
+
+def _stderr_is_journal() -> bool:
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(2)
+        return stream == f"{info.st_dev}:{info.st_ino}"
+    except OSError:
+        return False
+
+
+def setup_logging() -> None:
+    root = logging.getLogger("sapid")
+    if root.handlers:
+        return
+    handler = None
+    if _stderr_is_journal():
+        try:
+            from systemd.journal import JournalHandler
+            handler = JournalHandler(SYSLOG_IDENTIFIER="sapid")
+        except ImportError:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(_PrefixFormatter("%(message)s"))
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("sapid: %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+def _add_years(moment: datetime.datetime, years: int) -> datetime.datetime:
+    try:
+        return moment.replace(year=moment.year + years)
+    except ValueError:            # 29 February
+        return moment.replace(year=moment.year + years, day=28)
+
+
+def _create_file(path: str, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        _write_all(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def command_init(args) -> int:
+    """Create a CA identity: key, self-signed certificate, CSR for a parent, public key."""
+    folder = args.dir or Config.load(args.config).identity
+    names = []
+    for field, value in args.field or ():
+        oid = NAME_FIELDS.get(field) or {k.lower(): v for k, v in NAME_FIELDS.items()}.get(
+            field.lower())
+        if oid is None:
+            raise ConfigError(f"-f {field}: unknown name field; use one of "
+                              f"{', '.join(NAME_FIELDS)}")
+        try:
+            names.append(x509.NameAttribute(oid, value))
+        except ValueError as e:
+            raise ConfigError(f"-f {field} {value!r}: {_one_line(e)}") from None
+    if not names:
+        raise ConfigError("give the CA a name: -f CN 'Example CA' (and -f O, -f C, ...)")
+    if args.years < 1:
+        raise ConfigError(f"-v {args.years}: the CA must be valid for at least a year")
+    paths = {name: os.path.join(folder, name)
+             for name in (KEY_FILE, CERT_FILES[0], CSR_FILE, PUBLIC_KEY_FILE)}
+    for path in [*paths.values(), os.path.join(folder, CERT_FILES[1])]:
+        if os.path.lexists(path):
+            raise ConfigError(f"{path}: exists; sapid init never overwrites an identity")
+    disable_core_dumps()
+    passphrase = read_passphrase(confirm=True)
+    if len(passphrase) < MIN_PASSPHRASE_CHARS:
+        raise ConfigError(f"the passphrase has {len(passphrase)} characters; "
+                          f"{MIN_PASSPHRASE_CHARS} at least")
+    key = generate_key(args.key)
+    subject = x509.Name(names)
+    now = utcnow()
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    constraints = x509.BasicConstraints(ca=True, path_length=None)
+    usage = x509.KeyUsage(digital_signature=False, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          key_cert_sign=True, crl_sign=True, encipher_only=False,
+                          decipher_only=False)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(random_serial())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(_add_years(now, args.years))
+        .add_extension(constraints, critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                       critical=False)
+        .sign(key, signature_hash(key)))
+    request = (
+        x509.CertificateSigningRequestBuilder().subject_name(subject)
+        .add_extension(constraints, critical=True).add_extension(usage, critical=True)
+        .sign(key, signature_hash(key)))
+    try:
+        os.makedirs(folder, mode=0o750, exist_ok=True)
+        os.chmod(folder, 0o750)
+        previous = os.umask(0o077)
+        try:
+            _create_file(paths[KEY_FILE], encrypt_private_key(key, passphrase), 0o640)
+        finally:
+            os.umask(previous)
+        _create_file(paths[CERT_FILES[0]], certificate.public_bytes(serialization.Encoding.PEM),
+                     0o644)
+        _create_file(paths[CSR_FILE], request.public_bytes(serialization.Encoding.PEM), 0o644)
+        _create_file(paths[PUBLIC_KEY_FILE], key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
+    except OSError as e:
+        raise ConfigError(f"{e.filename or folder}: {e.strerror}") from None
+    _group_to_sapid(folder, paths.values())
+    print(f"created CA {subject_text(subject)} ({args.key}, valid until "
+          f"{iso_time(certificate.not_valid_after_utc)}) in {folder}\n"
+          f"SHA-256 fingerprint {certificate.fingerprint(hashes.SHA256()).hex()}")
+    return 0
+
+
+def _group_to_sapid(folder: str, paths) -> None:
+    """As root, give the identity to group sapid (if it exists) so the service can read it."""
+    if os.geteuid() != 0:
+        return
+    try:
+        gid = grp.getgrnam("sapid").gr_gid
+    except KeyError:
+        return
+    for path in (folder, *paths):
+        os.chown(path, 0, gid)
+
+
+def command_serve(args) -> int:
+    return Daemon(args.config, args.socket, args.listen).run()
+
+
+def command_sign(args) -> int:
+    """Sign one CSR offline through the daemon's pipeline and hooks; print the certificate."""
+    config = Config.load(args.config)
+    if not CLIENT_ID.match(args.client_id):
+        raise ConfigError(f"--client-id {args.client_id!r}: 1 to 128 letters and digits")
+    try:
+        body = sys.stdin.buffer.read() if args.csr == "-" else _read(args.csr)
+    except OSError as e:
+        raise ConfigError(f"{args.csr}: {e.strerror}") from None
+    disable_core_dumps()
+    authority = Authority.open(config, read_passphrase(), HookRunner(1))
+    try:
+        issued = authority.issue(Signing(body, args.client_id))
+    except RequestError as e:
+        raise SapidError(f"{args.csr}: {e.code}: {e.message}") from None
+    finally:
+        if authority.records:
+            authority.records.close()
+    sys.stdout.write(issued.pem.decode())
+    return 0
+
+
+def command_check(args) -> int:
+    """Like ``nginx -t``: load everything, decrypt the key if that needs no prompt."""
+    config = Config.load(args.config)
+    disable_core_dumps()
+    passphrase = read_passphrase(interactive=False)
+    authority = Authority.open(config, passphrase, HookRunner(1), store=False)
+    if os.path.exists(config.state) and not os.access(config.state, os.W_OK):
+        raise ConfigError(f"{config.state}: the state folder is not writable")
+    key = "key decrypted" if passphrase is not None else (
+        "key not decrypted: no passphrase source that needs no prompt")
+    print(f"sapid: {config.path or 'built-in defaults'}: ok; CA "
+          f"{subject_text(authority.identity.certificate.subject)}, {key}, hooks "
+          f"{authority.hooks.path or 'built-in'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sapid", description="A certificate authority that signs CSRs over a Unix socket.")
+    parser.add_argument("--version", action="version", version=f"sapid {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("-c", "--config", metavar="CONFIG",
+                        help="configuration file (default: $SAPID_CONFIG or /etc/sapid/sapid.conf)")
+
+    init = commands.add_parser("init", parents=[config], help="create a CA identity")
+    init.add_argument("-d", "--dir", metavar="DIR", help="identity folder (default: the configured)")
+    init.add_argument("-f", "--field", nargs=2, action="append", metavar=("FIELD", "VALUE"),
+                      help="a name attribute of the CA, e.g. -f CN 'Example CA'; repeat")
+    init.add_argument("-v", "--years", type=int, default=10, metavar="YEARS",
+                      help="validity in years (default 10)")
+    init.add_argument("--key", choices=KEY_TYPES, default="p256", help="key type (default p256)")
+    init.set_defaults(run=command_init)
+
+    serve = commands.add_parser("serve", parents=[config], help="run the daemon")
+    serve.add_argument("--socket", metavar="PATH", help="Unix socket to listen on")
+    serve.add_argument("--listen", metavar="ADDRESS:PORT",
+                       help="plain TCP on a loopback address, for development")
+    serve.set_defaults(run=command_serve)
+
+    sign = commands.add_parser("sign", parents=[config], help="sign one CSR offline")
+    sign.add_argument("--client-id", default="local", metavar="ID",
+                      help="client id the hooks see (default: local)")
+    sign.add_argument("csr", metavar="CSR_FILE", help="PEM or DER CSR; - for standard input")
+    sign.set_defaults(run=command_sign)
+
+    check = commands.add_parser("check", parents=[config], help="check the setup and exit")
+    check.set_defaults(run=command_check)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return args.run(args)
+    except SapidError as e:
+        print(f"sapid: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    # Hooks files import ``sapid``: run that module, not a second copy named __main__.
+    import sapid
+    sys.exit(sapid.main())
