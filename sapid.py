@@ -266,7 +266,10 @@ PR_SET_DUMPABLE = 4
 
 def disable_core_dumps() -> None:
     """Keep the CA key out of core dumps and away from ptrace by other processes of our user."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError):
+        log.warning("could not set RLIMIT_CORE to 0")
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
@@ -788,6 +791,7 @@ def load_hooks(path: str | None) -> HookSet:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # the operator's code: any failure is a load error
@@ -795,6 +799,7 @@ def load_hooks(path: str | None) -> HookSet:
         raise ConfigError(f"{path}:{_error_line(e, path)}: {type(e).__name__}: {_one_line(e)}"
                           ) from None
     finally:
+        sys.dont_write_bytecode = writes_bytecode
         sys.modules.pop(f"sapid_hooks_{_hook_loads - 1}", None)
     return _hook_set(module, path, lines)
 
@@ -1825,7 +1830,7 @@ class SigningServer:
             if conn.head is None:
                 while buffer[:2] == b"\r\n":      # RFC 9112 2.2: ignore stray empty lines
                     del buffer[:2]
-                end = buffer.find(b"\r\n\r\n")
+                end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
                 if end < 0:
                     if len(buffer) > MAX_HEAD_BYTES:
                         raise RequestError(431, "too_large",

@@ -1,0 +1,274 @@
+"""The HTTP API of DESIGN.md, driven with curl over the Unix socket of a real daemon."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from conftest import make_csr, openssl_verify, run, save_certificate
+
+
+@pytest.mark.parametrize("ca_key", ["p256", "rsa2048", "ed25519"])
+@pytest.mark.parametrize("csr_key", ["rsa2048", "p256", "ed25519"])
+def test_signs_and_verifies(daemon_factory, identities, tmp_path, ca_key, csr_key):
+    daemon = daemon_factory(ca_key)
+    csr = make_csr(tmp_path, csr_key)
+    status, reply = daemon.sign(csr)
+    assert status == 200, reply
+    cert_path = save_certificate(tmp_path, reply)
+    ca = tmp_path / "ca.pem"
+    ca.write_text(reply["ca_x509_pem"])
+    assert openssl_verify(ca, cert_path).returncode == 0
+    # The negative twin: another CA does not vouch for it.
+    other = identities("p384") / "ca.cert.pem"
+    failed = openssl_verify(other, cert_path)
+    assert failed.returncode != 0 and "unable to get local issuer" in failed.stdout + failed.stderr
+
+    certificate = x509.load_pem_x509_certificate(reply["signed_x509_pem"].encode())
+    assert reply["serial"] == format(certificate.serial_number, "X").zfill(
+        len(format(certificate.serial_number, "X")) + len(format(certificate.serial_number, "X")) % 2)
+    assert re.fullmatch(r"(?:[0-9A-F]{2})+", reply["serial"])
+    assert reply["sha256_fingerprint"] == certificate.fingerprint(hashes.SHA256()).hex()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", reply["not_before"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", reply["not_after"])
+    # openssl agrees on the serial.
+    shown = run(["openssl", "x509", "-in", str(cert_path), "-noout", "-serial"]).stdout
+    assert shown.strip() == f"serial={reply['serial']}"
+
+
+def test_der_body_and_content_types(daemon, tmp_path):
+    der = make_csr(tmp_path, "p256", der=True)
+    status, reply = daemon.sign(der)
+    assert status == 200, reply
+    pem = make_csr(tmp_path, "p256", name="pem")
+    for media in ("application/pkcs10", "application/x-pem-file; charset=utf-8", "text/plain"):
+        status, reply, _ = daemon.curl("/api/csr/abc", "POST", pem, {"Content-Type": media})
+        assert status == 200, (media, reply)
+    status, reply, _ = daemon.curl("/api/csr/abc", "PUT", pem, {"Content-Type": "application/json"})
+    assert (status, reply["error"]) == (415, "unsupported_media_type")
+
+
+def corrupt_signature(csr_pem: bytes) -> bytes:
+    """The same CSR with the last byte of its signature flipped."""
+    der = x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
+    return der[:-1] + bytes([der[-1] ^ 0x01])
+
+
+BAD_CSR_CASES = {
+    "empty": (lambda csr: b"", 400, "not_a_csr"),
+    "not a csr": (lambda csr: b"hello, I am not a CSR\n", 400, "not_a_csr"),
+    "truncated pem": (lambda csr: csr[: len(csr) // 2], 400, "not_a_csr"),
+    "truncated der": (lambda csr: x509.load_pem_x509_csr(csr).public_bytes(
+        serialization.Encoding.DER)[:-20], 400, "not_a_csr"),
+    "broken signature": (corrupt_signature, 400, "bad_csr_signature"),
+    "a certificate, not a csr": (lambda csr: CA_PLACEHOLDER, 400, "not_a_csr"),
+}
+CA_PLACEHOLDER = b""
+
+
+@pytest.mark.parametrize("case", list(BAD_CSR_CASES))
+def test_bad_csr_bodies(daemon, tmp_path, case):
+    global CA_PLACEHOLDER
+    CA_PLACEHOLDER = (daemon.identity / "ca.cert.pem").read_bytes()
+    mutate, status, code = BAD_CSR_CASES[case]
+    body = mutate(make_csr(tmp_path).read_bytes())
+    got, reply, head = daemon.curl("/api/csr/device1", "PUT", body)
+    assert (got, reply["error"]) == (status, code), reply
+    assert "application/json" in head and reply["message"]
+    assert "Traceback" not in json.dumps(reply)
+    assert_still_serving(daemon, tmp_path)
+
+
+def assert_still_serving(daemon, tmp_path):
+    status, reply = daemon.sign(make_csr(tmp_path, name="after"))
+    assert status == 200, reply
+
+
+@pytest.mark.parametrize("key, subject, sans, extra, code", [
+    ("rsa1024", "/CN=small", "DNS:small.example", (), "key_refused"),
+    ("p256", "/", None, (), "name_refused"),
+    ("p256", "/CN=x", "otherName:1.2.3.4;UTF8:hello", (), "name_refused"),
+    ("p256", "/CN=x", "dirName:dir_sect", (), "name_refused"),
+])
+def test_csr_policy(daemon, tmp_path, key, subject, sans, extra, code):
+    if sans and sans.startswith("dirName"):
+        cnf = tmp_path / "dir.cnf"
+        cnf.write_text("[req]\ndistinguished_name=dn\n[dn]\n[dir_sect]\nCN=inner\n")
+        out = tmp_path / "req.pem"
+        run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", str(tmp_path / "k"), "-subj", subject, "-config", str(cnf),
+             "-addext", f"subjectAltName={sans}", "-out", str(out)])
+        csr = out
+    else:
+        csr = make_csr(tmp_path, key, subject, sans, extra)
+    status, reply = daemon.sign(csr)
+    assert (status, reply["error"]) == (400, code), reply
+    assert_still_serving(daemon, tmp_path)
+
+
+def test_sha1_signed_csr_is_weak(daemon, tmp_path):
+    key = tmp_path / "k.pem"
+    run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+         "-out", str(key)])
+    out = tmp_path / "sha1.pem"
+    run(["openssl", "req", "-new", "-key", str(key), "-sha1", "-subj", "/CN=old",
+         "-out", str(out)])
+    status, reply = daemon.sign(out)
+    assert (status, reply["error"]) == (400, "weak_csr_signature"), reply
+    run(["openssl", "req", "-new", "-key", str(key), "-sha256", "-subj", "/CN=old",
+         "-out", str(out)])
+    assert daemon.sign(out)[0] == 200
+
+
+def test_ca_true_request_gets_a_leaf(daemon, tmp_path):
+    csr = make_csr(tmp_path, extra=("basicConstraints=critical,CA:TRUE",
+                                    "keyUsage=critical,keyCertSign,cRLSign",
+                                    "nameConstraints=permitted;DNS:example.com"))
+    status, reply = daemon.sign(csr)
+    assert status == 200, reply
+    certificate = x509.load_pem_x509_certificate(reply["signed_x509_pem"].encode())
+    constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical and constraints.value.ca is False
+    usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and not usage.key_cert_sign and not usage.crl_sign
+    with pytest.raises(x509.ExtensionNotFound):
+        certificate.extensions.get_extension_for_class(x509.NameConstraints)
+    # openssl refuses to use it as a CA: a certificate it "issued" does not verify.
+    leaf_key = tmp_path / "leaf.key"
+    run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-out", str(leaf_key)])
+    leaf = tmp_path / "leaf.pem"
+    issued = save_certificate(tmp_path, reply, "fake-ca.pem")
+    run(["openssl", "req", "-new", "-x509", "-key", str(leaf_key), "-subj", "/CN=victim",
+         "-CA", str(issued), "-CAkey", str(tmp_path / "req.key"), "-out", str(leaf)])
+    chain = tmp_path / "ca.pem"
+    chain.write_text(reply["ca_x509_pem"])
+    assert openssl_verify(chain, leaf, untrusted=issued).returncode != 0
+
+
+@pytest.mark.parametrize("client_id", ["a-b", "a.b", "%41", "a" * 129, "a" * 200, ""])
+def test_bad_client_ids(daemon, tmp_path, client_id):
+    status, reply = daemon.sign(make_csr(tmp_path), client_id)
+    assert (status, reply["error"]) == (400, "bad_client_id"), reply
+
+
+def test_client_id_limits(daemon, tmp_path):
+    assert daemon.sign(make_csr(tmp_path), "A" * 128)[0] == 200
+    assert daemon.sign(make_csr(tmp_path), "0")[0] == 200
+
+
+def test_body_over_the_limit(daemon_factory, tmp_path):
+    daemon = daemon_factory(max_request_bytes=2048)
+    status, reply, _ = daemon.curl("/api/csr/abc", "PUT", b"A" * 4096)
+    assert (status, reply["error"]) == (413, "too_large")
+    # Told before the body is read: the headers alone get the answer.
+    answer = daemon.raw(b"PUT /api/csr/abc HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 ") and b'"too_large"' in answer
+    # Chunked bodies are held to the same limit.
+    chunked = b"800\r\n" + b"A" * 2048 + b"\r\n800\r\n" + b"A" * 2048 + b"\r\n0\r\n\r\n"
+    answer = daemon.raw(b"PUT /api/csr/abc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                        b"\r\n" + chunked)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert_still_serving(daemon, tmp_path)
+
+
+def test_chunked_body_is_signed(daemon, tmp_path):
+    csr = make_csr(tmp_path).read_bytes()
+    half = len(csr) // 2
+    body = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, csr[:half], len(csr) - half, csr[half:])
+    answer = daemon.raw(b"PUT /api/csr/abc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n" + body)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert b"signed_x509_pem" in answer
+
+
+def test_missing_content_length(daemon, tmp_path):
+    answer = daemon.raw(b"PUT /api/csr/abc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 411 ") and b'"length_required"' in answer
+    assert_still_serving(daemon, tmp_path)
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"PUT /api/csr/abc HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+    b"PUT /api/csr/abc HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    b"PUT /api/csr/abc HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GARBAGE\r\n\r\n",
+    b"GET /api/health HTTP/2.0\r\n\r\n",
+    b"GET /api/health HTTP/1.1\r\nBad Header\r\n\r\n",
+    b"GET /api/health HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+    b"PUT /api/csr/abc HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+])
+def test_malformed_http(daemon, tmp_path, request_bytes):
+    answer = daemon.raw(request_bytes)
+    status = int(answer.split(b" ", 2)[1])
+    assert status in (400, 505), answer
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["error"] == "bad_request" and body["message"]
+    assert_still_serving(daemon, tmp_path)
+
+
+def test_oversized_head(daemon):
+    answer = daemon.raw(b"GET /api/health HTTP/1.1\r\nConnection: close\r\nX: " + b"a" * 20000
+                        + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_unknown_path_and_wrong_method(daemon):
+    status, reply, _ = daemon.curl("/api/nothing")
+    assert (status, reply["error"]) == (404, "not_found")
+    status, reply, _ = daemon.curl("/", "POST", b"x")
+    assert (status, reply["error"]) == (404, "not_found")
+    status, reply, head = daemon.curl("/api/csr/abc", "GET")
+    assert (status, reply["error"]) == (405, "method_not_allowed")
+    assert "Allow: PUT, POST" in head
+    status, reply, head = daemon.curl("/api/ca", "DELETE")
+    assert status == 405 and "Allow: GET, HEAD" in head
+
+
+def test_ca_and_health(daemon, tmp_path):
+    status, text, head = daemon.curl("/api/ca")
+    assert status == 200 and "application/pem-certificate-chain" in head
+    assert text == (daemon.identity / "ca.cert.pem").read_text()
+    status, reply, _ = daemon.curl("/api/health")
+    assert status == 200 and reply["status"] == "ok" and reply["certificates_issued"] == 0
+    daemon.sign(make_csr(tmp_path))
+    assert daemon.curl("/api/health")[1]["certificates_issued"] == 1
+    answer = daemon.raw(b"HEAD /api/health HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n")
+
+
+def test_keep_alive_and_pipelining(daemon, tmp_path):
+    csr = make_csr(tmp_path).read_bytes()
+    one = b"PUT /api/csr/abc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(csr), csr)
+    last = b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = daemon.raw(one * 3 + last)
+    assert answer.count(b"HTTP/1.1 200 ") == 4
+    assert answer.count(b"signed_x509_pem") == 3
+    # HTTP/1.0 without keep-alive is closed after one answer.
+    answer = daemon.raw(b"GET /api/health HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer
+
+
+def test_expect_continue(daemon, tmp_path):
+    csr = make_csr(tmp_path, "rsa2048").read_bytes()
+    status, reply, _ = daemon.curl("/api/csr/abc", "PUT", csr, {"Expect": "100-continue"})
+    assert status == 200, reply
+
+
+def test_request_timeout(daemon_factory, tmp_path):
+    daemon = daemon_factory(request_timeout=1)
+    import socket
+    import time
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(daemon.socket)
+        sock.sendall(b"PUT /api/csr/abc HTTP/1.1\r\nContent-Length: 500\r\n\r\nhalf")
+        started = time.monotonic()
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer
+        assert time.monotonic() - started < 5
+    assert_still_serving(daemon, tmp_path)
