@@ -109,6 +109,10 @@ class Daemon:
 
     def start(self, args=(), wait=True, command=None):
         notify_path = str(self.folder / "notify.sock")
+        if self.notify is not None:          # a restart
+            self.notify.close()
+        if os.path.exists(notify_path):
+            os.unlink(notify_path)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(notify_path)
         env = sapid_env(NOTIFY_SOCKET=notify_path, **self.env)

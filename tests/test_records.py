@@ -1,0 +1,110 @@
+"""Concurrency and the issued records: nothing signed is lost, every serial is distinct."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+from cryptography import x509
+
+import sapid
+from conftest import make_csr, openssl_verify, run
+
+
+def test_200_requests_from_20_clients(daemon, tmp_path):
+    csrs = [make_csr(tmp_path, key, name=f"c{i}")
+            for i, key in enumerate(["p256", "rsa2048", "ed25519", "p384"])]
+
+    def client(number):
+        replies = []
+        for i in range(10):
+            status, reply = daemon.sign(csrs[(number + i) % len(csrs)], f"client{number}")
+            replies.append((status, reply))
+        return replies
+
+    with ThreadPoolExecutor(20) as pool:
+        replies = [r for batch in pool.map(client, range(20)) for r in batch]
+    assert len(replies) == 200
+    assert all(status == 200 for status, _ in replies), [r for r in replies if r[0] != 200][:3]
+    serials = [reply["serial"] for _, reply in replies]
+    assert len(set(serials)) == 200
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    paths = []
+    for serial, (_, reply) in zip(serials, replies):
+        path = certs / f"{serial}.pem"
+        path.write_text(reply["signed_x509_pem"])
+        paths.append(path)
+    verified = openssl_verify(daemon.identity / "ca.cert.pem", *paths)
+    assert verified.returncode == 0 and verified.stdout.count(": OK") == 200
+    # Every one is recorded: an index file each and one journal record each, and audited.
+    index = daemon.state / "issued"
+    assert sorted(p.stem for p in index.glob("*.pem")) == sorted(serials)
+    journal = (daemon.state / "issued.pem").read_bytes()
+    assert journal.count(b"-----BEGIN CERTIFICATE-----") == 200
+    assert sorted(c.serial_number for c in x509.load_pem_x509_certificates(journal)) == sorted(
+        int(s, 16) for s in serials)
+    log = daemon.output()
+    assert log.count("audit outcome=issued") == 200
+    for serial in serials:
+        assert f'serial="{serial}"' in log
+    assert daemon.curl("/api/health")[1]["certificates_issued"] == 200
+
+
+def test_journal_records_and_index_rebuild(daemon_factory, tmp_path):
+    daemon = daemon_factory()
+    serials = [daemon.sign(make_csr(tmp_path, name=f"r{i}"), f"client{i}")[1]["serial"]
+               for i in range(3)]
+    journal = daemon.state / "issued.pem"
+    text = journal.read_text()
+    for i, serial in enumerate(serials):
+        assert f"# serial {serial} client client{i} at " in text
+        assert (daemon.state / "issued" / f"{serial}.pem").exists()
+    assert daemon.stop() == 0
+    # Lose an index file, tear the journal's tail as a crash mid-write would: a restart mends both.
+    lost = daemon.state / "issued" / f"{serials[1]}.pem"
+    expected = lost.read_bytes()
+    lost.unlink()
+    (daemon.state / "issued" / ".DEAD.1.tmp").write_text("partial")
+    with open(journal, "ab") as file:
+        file.write(b"# serial 00FF client x at 2026\n-----BEGIN CERTIFICATE-----\nMIIB")
+    daemon.start()
+    assert lost.read_bytes() == expected
+    assert not (daemon.state / "issued" / ".DEAD.1.tmp").exists()
+    assert journal.read_bytes().endswith(b"-----END CERTIFICATE-----\n")
+    assert len(x509.load_pem_x509_certificates(journal.read_bytes())) == 3
+    assert daemon.curl("/api/health")[1]["certificates_issued"] == 3
+    assert "unfinished record" in daemon.output()
+
+
+def test_serial_collision_draws_another(identities, tmp_path):
+    """A hooks serial generator that repeats itself: the second draw is taken."""
+    records = sapid.Records(str(tmp_path / "state"))
+    drawn = iter([7, 7, 8])
+    hooks = sapid.HookSet(None, sapid.SigningHooks, sapid.boot, lambda: next(drawn),
+                          frozenset({"serial_number"}))
+    config = sapid.Config(identity=str(identities("p256")))
+    identity = sapid.Identity.load(config.identity, "correct horse battery staple")
+    authority = sapid.Authority(config, identity, hooks, records, sapid.HookRunner(2))
+    csr = make_csr(tmp_path).read_bytes()
+    assert authority.issue(sapid.Signing(csr, "a")).serial == "07"
+    assert authority.issue(sapid.Signing(csr, "b")).serial == "08"
+    assert sorted(os.listdir(tmp_path / "state" / "issued")) == ["07.pem", "08.pem"]
+
+
+def test_unwritable_state_gives_503_and_no_certificate(daemon, tmp_path):
+    if os.geteuid() == 0:
+        # root ignores modes: make the index unusable another way, by a file in its place.
+        index = daemon.state / "issued"
+        moved = daemon.state / "issued.moved"
+        index.rename(moved)
+        index.write_text("not a folder")
+    status, reply = daemon.sign(make_csr(tmp_path))
+    assert (status, reply["error"]) == (503, "store_failed"), reply
+    assert "signed_x509_pem" not in reply
+    assert b"BEGIN CERTIFICATE" not in (daemon.state / "issued.pem").read_bytes()
+    index.unlink()
+    moved.rename(index)
+    assert daemon.sign(make_csr(tmp_path, name="again"))[0] == 200
