@@ -130,7 +130,16 @@ def test_security_exposure_is_low(tmp_path):
 
 
 def test_man_pages_install_with_pip(tmp_path):
-    """setup.cfg puts the pages in share/man."""
-    text = (ROOT / "setup.cfg").read_text()
+    """The wheel that ``pip install .`` builds puts the pages in share/man."""
+    import zipfile
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "dev", "build",
+                                                                "*.egg-info"))
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "w"),
+         str(source)], timeout=300)
+    wheel, = (tmp_path / "w").glob("sapid-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
     for name in PAGES:
-        assert f"man/{name}" in text
+        section = name.rsplit(".", 1)[1]
+        assert any(n.endswith(f".data/data/share/man/man{section}/{name}") for n in names), names
+    assert "sapid.py" in names
