@@ -190,6 +190,7 @@ CONFIG_KEYS = {
     "max_threads": _bounded(int, 1, 1024),
     "hook_timeout": _bounded(float, 0.1, 3600),
     "trusted_proxy": _yes_no,
+    "strict_files": _yes_no,
 }
 PATH_KEYS = ("identity", "state", "hooks", "socket")
 
@@ -210,6 +211,7 @@ class Config:
     max_threads: int = 32
     hook_timeout: float = 30.0
     trusted_proxy: bool = False
+    strict_files: bool = True
 
     @classmethod
     def load(cls, path: str | None = None) -> Config:
@@ -771,12 +773,12 @@ def normalize_serial(value) -> int:
 _hook_loads = 0
 
 
-def load_hooks(path: str | None) -> HookSet:
+def load_hooks(path: str | None, strict: bool = True) -> HookSet:
     """Load an operator's hooks file; ConfigError names the file and line of what is wrong."""
     global _hook_loads
     if path is None:
         return BUILTIN_HOOKS
-    _check_hooks_file(path)
+    _check_trusted_file(path, strict)
     try:
         with open(path, "rb") as file:
             source = file.read()
@@ -804,18 +806,27 @@ def load_hooks(path: str | None) -> HookSet:
     return _hook_set(module, path, lines)
 
 
-def _check_hooks_file(path: str) -> None:
+def _check_trusted_file(path: str, strict: bool, writable_ok: bool = False) -> os.stat_result:
+    """A file sapid runs or trusts: with ``strict_files`` (the default) a regular file or folder,
+    not a symbolic link, owned by root or sapid's user; never writable by others."""
     try:
         info = os.lstat(path)
+        if not strict and stat.S_ISLNK(info.st_mode):
+            info = os.stat(path)
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"{path}: not a regular file (symbolic links are refused)")
-    if info.st_uid not in (0, os.geteuid()):
-        raise ConfigError(f"{path}: owned by uid {info.st_uid}; must be root or sapid's user")
-    if info.st_mode & 0o022:
-        raise ConfigError(f"{path}: writable by group or others (mode "
-                          f"{stat.S_IMODE(info.st_mode):04o}); chmod go-w it")
+    if stat.S_ISLNK(info.st_mode):
+        raise ConfigError(f"{path}: a symbolic link; sapid reads only real files "
+                          "(strict_files = no allows links)")
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        raise ConfigError(f"{path}: not a regular file")
+    if strict and info.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"{path}: owned by uid {info.st_uid}, neither root nor sapid's user "
+                          "(strict_files = no allows other owners)")
+    if info.st_mode & (0o002 if writable_ok else 0o022):
+        raise ConfigError(f"{path}: writable by {'others' if writable_ok else 'group or others'} "
+                          f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod go-w it")
+    return info
 
 
 def _definition_lines(tree: ast.Module) -> dict:
@@ -943,13 +954,15 @@ class Identity:
     key: object = dataclasses.field(repr=False, default=None)
 
     @classmethod
-    def load(cls, folder: str, passphrase: str | None) -> Identity:
+    def load(cls, folder: str, passphrase: str | None, strict: bool = True) -> Identity:
         """Load and check the identity; without a passphrase the key stays encrypted (None)."""
         if not os.path.isdir(folder):
             raise ConfigError(f"{folder}: no identity folder (create one with 'sapid init')")
+        _check_trusted_file(folder, strict, writable_ok=True)
         cert_path = next((os.path.join(folder, name) for name in CERT_FILES
-                          if os.path.exists(os.path.join(folder, name))),
+                          if os.path.lexists(os.path.join(folder, name))),
                          os.path.join(folder, CERT_FILES[0]))
+        _check_trusted_file(cert_path, strict)
         try:
             certificate = x509.load_pem_x509_certificate(_read(cert_path))
         except ValueError as e:
@@ -957,7 +970,8 @@ class Identity:
         _check_ca_certificate(certificate, cert_path)
         chain_path = os.path.join(folder, CHAIN_FILE)
         chain = ()
-        if os.path.exists(chain_path):
+        if os.path.lexists(chain_path):
+            _check_trusted_file(chain_path, strict)
             try:
                 chain = tuple(x509.load_pem_x509_certificates(_read(chain_path)))
             except ValueError as e:
@@ -972,7 +986,7 @@ class Identity:
                 child = parent
         key = None
         key_path = os.path.join(folder, KEY_FILE)
-        mode = _key_mode(key_path)
+        mode = stat.S_IMODE(_check_trusted_file(key_path, strict, writable_ok=True).st_mode)
         if mode & 0o027:
             raise ConfigError(f"{key_path}: mode {mode:04o} lets others read or the group write "
                               f"it; chmod 0640 {key_path}")
@@ -1001,13 +1015,6 @@ class Identity:
         """The CA certificate followed by its chain."""
         return b"".join(c.public_bytes(serialization.Encoding.PEM)
                         for c in (self.certificate, *self.chain))
-
-
-def _key_mode(path: str) -> int:
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
 
 
 def _check_ca_certificate(certificate: x509.Certificate, path: str) -> None:
@@ -1293,8 +1300,8 @@ class Authority:
     def open(cls, config: Config, passphrase: str | None, runner: HookRunner, *,
              records: Records | None = None, store: bool = True) -> Authority:
         """Load identity and hooks, call ``boot``, open the records (unless ``store`` is off)."""
-        identity = Identity.load(config.identity, passphrase)
-        hooks = load_hooks(config.hooks_path())
+        identity = Identity.load(config.identity, passphrase, config.strict_files)
+        hooks = load_hooks(config.hooks_path(), config.strict_files)
         try:
             hooks.boot(AuthorityInfo(identity.certificate, identity.chain, config))
         except Exception as e:
