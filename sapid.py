@@ -300,6 +300,10 @@ def read_passphrase(*, confirm: bool = False, interactive: bool = True) -> str |
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"credential 'passphrase': {_one_line(e)}") from None
     if from_env is not None:
+        try:
+            from_env.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError("$CA_PASSPHRASE is not valid UTF-8") from None
         return _strip_newline(from_env)
     if not interactive:
         return None
@@ -330,6 +334,7 @@ def read_passphrase(*, confirm: bool = False, interactive: bool = True) -> str |
 OID_PBES2 = "1.2.840.113549.1.5.13"
 OID_PBKDF2 = "1.2.840.113549.1.5.12"
 OID_HMAC_SHA256 = "1.2.840.113549.2.9"
+STRONG_PRFS = (OID_HMAC_SHA256, "1.2.840.113549.2.10", "1.2.840.113549.2.11")  # SHA-256/384/512
 OID_AES256_CBC = "2.16.840.1.101.3.4.1.42"
 
 
@@ -414,14 +419,23 @@ def key_protection(pem: bytes) -> str | None:
         _, start, end = _der_read(data, pos)
         if data[start - 2:end] != _der_oid(OID_PBKDF2):
             return None                            # scrypt: fine
-        _, pos, _ = _der_read(data, end)           # PBKDF2-params
+        _, pos, params_end = _der_read(data, end)  # PBKDF2-params
         _, _, salt_end = _der_read(data, pos)
         _, start, end = _der_read(data, salt_end)
         rounds = int.from_bytes(data[start:end], "big")
+        pos, prf = end, None                       # None: HMAC-SHA1, the default
+        if pos < params_end and data[pos] == 0x02:
+            pos = _der_read(data, pos)[2]          # optional keyLength
+        if pos < params_end:
+            _, inner, _ = _der_read(data, pos)     # prf AlgorithmIdentifier
+            _, start, end = _der_read(data, inner)
+            prf = data[start - 2:end]
     except (IndexError, ValueError):
         return None
     if rounds < KDF_ITERATIONS:
         return f"uses {rounds:,} PBKDF2 iterations"
+    if prf not in {_der_oid(oid) for oid in STRONG_PRFS}:
+        return "uses PBKDF2 with HMAC-SHA1"
     return None
 
 
@@ -788,6 +802,7 @@ def load_hooks(path: str | None, strict: bool = True) -> HookSet:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: {_one_line(e)}") from None
     lines = _definition_lines(tree)
+    used = _used_names(tree)
     _hook_loads += 1
     name = f"sapid_hooks_{_hook_loads}"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -796,14 +811,14 @@ def load_hooks(path: str | None, strict: bool = True) -> HookSet:
     writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # the operator's code: any failure is a load error
+    except (Exception, SystemExit) as e:  # the operator's code: any failure is a load error
         sys.modules.pop(name, None)
         raise ConfigError(f"{path}:{_error_line(e, path)}: {type(e).__name__}: {_one_line(e)}"
                           ) from None
     finally:
         sys.dont_write_bytecode = writes_bytecode
         sys.modules.pop(f"sapid_hooks_{_hook_loads - 1}", None)
-    return _hook_set(module, path, lines)
+    return _hook_set(module, path, lines, used)
 
 
 def _check_trusted_file(path: str, strict: bool, writable_ok: bool = False) -> os.stat_result:
@@ -849,6 +864,12 @@ def _definition_lines(tree: ast.Module) -> dict:
     return lines
 
 
+def _used_names(tree: ast.Module) -> set:
+    """Names the file's own code reads: helpers, whatever they are called, not misspelt hooks."""
+    return {node.id for node in ast.walk(tree)
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+
+
 def _error_line(error: BaseException, path: str) -> int | str:
     frames = [f for f in traceback.extract_tb(error.__traceback__)
               if f.filename == path]
@@ -875,10 +896,13 @@ def _check_arity(function, count: int, what: str, where: str) -> None:
         pass  # builtins without a signature: trust them
 
 
-def _hook_set(module, path: str, lines: dict) -> HookSet:
+def _hook_set(module, path: str, lines: dict, used=frozenset()) -> HookSet:
     where = lambda name: f"{path}:{lines.get(name, '?')}"  # noqa: E731
-    for name in vars(module):
-        if name in lines and (near := _near_miss(name, KNOWN_TOP_LEVEL)):
+    for name, value in vars(module).items():
+        # A hook is a callable the file defines and leaves for sapid to call: a constant, or a
+        # class or function the file itself uses (an ssl_api factory's class), is a helper.
+        if name in lines and name not in used and callable(value) and (
+                near := _near_miss(name, KNOWN_TOP_LEVEL)):
             raise ConfigError(f"{where(name)}: {name!r} is not a hook name; did you mean {near!r}?")
     values = vars(module)
     custom = set()
@@ -896,6 +920,8 @@ def _hook_set(module, path: str, lines: dict) -> HookSet:
             if function is not getattr(SigningHooks, method):
                 _check_arity(function, count + 1, f"Hooks.{method}", where(f"Hooks.{method}"))
                 custom.add(method)
+        if hooks_class.__init__ is not SigningHooks.__init__:
+            custom.add("__init__")       # operator code runs when each instance is made
         factory = hooks_class
     for alias in ("API_CSR_HOOKS_FACTORY", "HOOKS_FACTORY"):
         if alias in values and hooks_class is None:
@@ -904,12 +930,15 @@ def _hook_set(module, path: str, lines: dict) -> HookSet:
             custom.update(HOOK_METHODS)   # a factory's class is known only per request
             break
     functions = {}
+    serial_where = path
     for name, alias in (("boot", "CUSTOM_BOOT_CB"), ("serial_number", "SERIAL_NUMBER_GENERATOR_CB")):
         function = values.get(name, values.get(alias))
         if function is None:
             functions[name] = globals()[name]
             continue
         shown = name if name in values else alias
+        if name == "serial_number":
+            serial_where = where(shown)
         if function is globals()[name]:
             functions[name] = function
             continue
@@ -925,8 +954,8 @@ def _hook_set(module, path: str, lines: dict) -> HookSet:
     try:
         hook_set.draw_serial()
     except HookError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except Exception as e:
+        raise ConfigError(f"{serial_where}: {e}") from None
+    except (Exception, SystemExit) as e:
         raise ConfigError(f"{path}:{_error_line(e, path)}: serial_number raised "
                           f"{type(e).__name__}: {_one_line(e)}") from None
     return hook_set
@@ -1003,6 +1032,10 @@ class Identity:
                 message = _one_line(e)
                 if "decrypt" in message.lower() or "password" in message.lower():
                     message = "wrong passphrase"
+                elif isinstance(e, ValueError) and not isinstance(e, UnicodeError):
+                    # CBC: about one wrong passphrase in 170 yields valid padding, and the
+                    # parser then fails on the noise instead of the decryption.
+                    message = f"wrong passphrase (or a damaged key file: {message})"
                 raise ConfigError(f"{key_path}: cannot load the CA key: {message}") from None
             if spki_der(key.public_key()) != spki_der(certificate.public_key()):
                 raise ConfigError(f"{key_path}: the key does not match {cert_path}")
@@ -1304,7 +1337,7 @@ class Authority:
         hooks = load_hooks(config.hooks_path(), config.strict_files)
         try:
             hooks.boot(AuthorityInfo(identity.certificate, identity.chain, config))
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             where = hooks.path or "built-in hooks"
             raise ConfigError(f"{where}:{_error_line(e, where)}: boot refused: "
                               f"{type(e).__name__}: {_one_line(e)}") from None
@@ -1323,7 +1356,7 @@ class Authority:
             checked = check_csr(csr)
             subject = subject_text(checked.subject)
             if self.hooks.custom - {"postsign"}:
-                instance, draft = self._call("authorize", self._prepare, signing, checked)
+                instance, draft = self._call("authorize/presign", self._prepare, signing, checked)
             else:
                 instance, draft = self._prepare(signing, checked)
             issued = self._sign_and_record(draft, signing.client_id)
@@ -1348,7 +1381,7 @@ class Authority:
             raise
         except NotAuthorized as e:
             raise RequestError(403, "not_authorized", str(e) or "not authorized") from None
-        except Exception:
+        except (Exception, SystemExit):   # sys.exit() in a hook must not leave the client hanging
             log.exception("hook %s failed (%s)", phase, self.hooks.path)
             raise RequestError(500, "hook_error",
                                "a hook of this CA failed; its log has the details") from None
@@ -2213,6 +2246,9 @@ def command_init(args) -> int:
         raise ConfigError("give the CA a name: -f CN 'Example CA' (and -f O, -f C, ...)")
     if args.years < 1:
         raise ConfigError(f"-v {args.years}: the CA must be valid for at least a year")
+    if utcnow().year + args.years > 9999:
+        raise ConfigError(f"-v {args.years}: X.509 times end in 9999; give at most "
+                          f"{9999 - utcnow().year} years")
     paths = {name: os.path.join(folder, name)
              for name in (KEY_FILE, CERT_FILES[0], CSR_FILE, PUBLIC_KEY_FILE)}
     for path in [*paths.values(), os.path.join(folder, CERT_FILES[1])]:
