@@ -1,0 +1,47 @@
+"""The benchmark's smoke mode: a real sapid under a few hundred requests from bench/loadgen.py,
+every certificate verified against the CA. No timing is asserted; cfssl is not needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_smoke_run_signs_and_verifies_every_request():
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    out = done.stdout
+    assert ("| server | concurrency | requests/s | p50 (ms) | p99 (ms) | errors |" in out), out
+    assert "| sapid/cfssl | sapid/ceiling |" in out, out
+    assert "| sapid | 1 |" in out and "| sapid | 8 |" in out, out
+    assert "sapid idle RSS (MiB) | sapid peak RSS (MiB)" in out, out
+    assert "Failures:" not in out, out
+    assert "verified 150/150" in done.stderr, done.stderr
+
+
+def test_load_generator_reads_content_length_chunked_and_close_delimited_answers():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import loadgen
+
+    fixed = bytearray(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1")
+    reader = loadgen.ResponseReader()
+    assert reader.feed(fixed) == (len(fixed) - len("HTTP/1.1"), b"hello")
+    assert reader.status == 200 and not reader.close
+
+    chunked = bytearray(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    reader = loadgen.ResponseReader()
+    assert reader.feed(chunked) is None
+    chunked += b"2;x=y\r\nde\r\n0\r\n\r\n"
+    assert reader.feed(chunked) == (len(chunked), b"abcde")
+
+    interim = bytearray(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 503 Busy\r\n\r\nlater")
+    reader = loadgen.ResponseReader()
+    assert reader.feed(interim) is None
+    assert reader.at_eof(interim) == (len(interim), b"later")
+    assert reader.status == 503 and reader.close
+
+    assert loadgen.percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+    assert loadgen.percentile([float(n) for n in range(1, 101)], 0.99) == 99.0
