@@ -36,7 +36,7 @@ import queue
 import re
 import resource
 import secrets
-import selectors
+import select
 import signal
 import socket
 import stat
@@ -520,10 +520,41 @@ def parse_csr(body: bytes) -> x509.CertificateSigningRequest:
         raise RequestError(400, "not_a_csr", "empty body: send a PKCS#10 CSR in PEM or DER")
     try:
         if body.lstrip()[:10] == b"-----BEGIN":
+            if (blocks := body.count(b"-----BEGIN")) != 1:
+                raise RequestError(400, "not_a_csr",
+                                   f"send one CSR: the body holds {blocks} PEM blocks")
             return x509.load_pem_x509_csr(body)
         return x509.load_der_x509_csr(body)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:     # InvalidVersion is no ValueError
         raise RequestError(400, "not_a_csr", f"not a PKCS#10 CSR: {_one_line(e)}") from None
+
+
+EXTENSION_REQUEST_OIDS = (_der_oid("1.2.840.113549.1.9.14"), _der_oid("1.3.6.1.4.1.311.2.1.14"))
+
+
+def _csr_parts(csr) -> tuple[bytes, list]:
+    """The CSR's SubjectPublicKeyInfo as sent, and the OIDs (DER) of its attributes."""
+    data = csr.tbs_certrequest_bytes
+    _, pos, end = _der_read(data, 0)
+    _, _, pos = _der_read(data, pos)              # version
+    _, _, pos = _der_read(data, pos)              # subject
+    _, _, spki_end = _der_read(data, pos)
+    spki, pos = data[pos:spki_end], spki_end
+    oids = []
+    if pos < end:
+        _, pos, end = _der_read(data, pos)        # [0] attributes
+        while pos < end:
+            _, start, pos = _der_read(data, pos)
+            _, _, oid_end = _der_read(data, start)
+            oids.append(data[start:oid_end])
+    return spki, oids
+
+
+def _names_its_curve(spki: bytes) -> bool:
+    _, pos, _ = _der_read(spki, 0)
+    _, pos, end = _der_read(spki, pos)            # AlgorithmIdentifier
+    _, _, pos = _der_read(spki, pos)              # id-ecPublicKey
+    return pos < end and spki[pos] == 0x06        # namedCurve: an OID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,6 +584,15 @@ def check_csr(csr: x509.CertificateSigningRequest) -> CheckedCSR:
         raise RequestError(400, "key_refused", f"CSR key refused: {_one_line(e)}") from None
     check_csr_key(public_key)
     try:
+        spki, attribute_oids = _csr_parts(csr)
+    except (IndexError, ValueError):
+        raise RequestError(400, "not_a_csr", "the CSR's structure cannot be read") from None
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and not _names_its_curve(spki):
+        raise RequestError(400, "key_refused", "EC key with explicit curve parameters refused: "
+                           "the key must name its curve (RFC 5480)")
+    if sum(oid in EXTENSION_REQUEST_OIDS for oid in attribute_oids) > 1:
+        raise RequestError(400, "not_a_csr", "CSR has more than one extensionRequest attribute")
+    try:
         valid = csr.is_signature_valid
     except (ValueError, UnsupportedAlgorithm) as e:
         raise RequestError(400, "bad_csr_signature", f"CSR signature: {_one_line(e)}") from None
@@ -571,16 +611,22 @@ def check_csr(csr: x509.CertificateSigningRequest) -> CheckedCSR:
     except x509.DuplicateExtension as e:
         raise RequestError(400, "not_a_csr", f"CSR has a duplicate extension {e.oid.dotted_string}"
                            ) from None
-    except (ValueError, UnicodeError) as e:
+    except (ValueError, UnicodeError, KeyError, TypeError) as e:
+        # cryptography: KeyError for a name value of an unexpected ASN.1 type or an unknown
+        # TLS feature, TypeError for a BIT STRING value outside x500UniqueIdentifier.
         raise RequestError(400, "name_refused", f"CSR names cannot be read: {_one_line(e)}"
                            ) from None
     for name in names:
         if not isinstance(name, SAN_TYPES):
             raise RequestError(400, "name_refused", f"subjectAltName {type(name).__name__} "
                                "refused: DNS, IP, email and URI only")
+        if isinstance(name, x509.IPAddress) and not isinstance(
+                name.value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            raise RequestError(400, "name_refused", f"subjectAltName IP {name.value} refused: "
+                               "an address of 4 or 16 octets, not a network")
     if not len(subject) and not names:
         raise RequestError(400, "name_refused", "the CSR has neither a subject nor a subjectAltName")
-    return CheckedCSR(csr, public_key, subject, names, spki_der(public_key))
+    return CheckedCSR(csr, public_key, subject, names, spki)
 
 
 def subject_text(name: x509.Name) -> str:
@@ -1075,6 +1121,7 @@ def _check_ca_certificate(certificate: x509.Certificate, path: str) -> None:
 
 JOURNAL_FILE = "issued.pem"
 INDEX_FOLDER = "issued"
+UNJOURNALED_FOLDER = "unjournaled"
 PEM_END = b"-----END CERTIFICATE-----\n"
 
 
@@ -1124,12 +1171,22 @@ class Records:
             else:
                 present.add(name)
         records = data.split(b"# serial ")[1:]
+        journaled = set()
         for record in records:
             serial = record.split(b" ", 1)[0].split(b"\n", 1)[0].decode("ascii", "replace")
+            journaled.add(f"{serial}.pem")
             if f"{serial}.pem" not in present and re.fullmatch(r"[0-9A-F]+", serial):
                 pem = record[record.find(b"-----BEGIN"):]
                 self._write_index(serial, pem)
                 log.info("restored %s/%s.pem from the journal", self.index, serial)
+        # Written just before a crash whose journal append never happened: signed, but never
+        # returned to anyone. Kept aside: the index holds only what the journal holds.
+        aside = os.path.join(self.folder, UNJOURNALED_FOLDER)
+        for name in sorted(present - journaled):
+            os.makedirs(aside, mode=0o750, exist_ok=True)
+            os.replace(os.path.join(self.index, name), os.path.join(aside, name))
+            log.warning("%s/%s was signed but not journaled before a crash, so never returned; "
+                        "moved to %s", self.index, name, aside)
         return len(records)
 
     def _write_index(self, serial: str, pem: bytes) -> bool:
@@ -1520,7 +1577,7 @@ class Response:
 
 
 def json_response(status: int, document: dict, headers: tuple = ()) -> Response:
-    return Response(status, (json.dumps(document, indent=1) + "\n").encode(), headers=headers)
+    return Response(status, (json.dumps(document) + "\n").encode(), headers=headers)
 
 
 def error_response(error: RequestError) -> Response:
@@ -1576,7 +1633,7 @@ def parse_head(raw: bytes, limit: int) -> _Head:
     if length is not None and length > limit:
         raise RequestError(413, "too_large", f"body of {length} bytes is over the limit of {limit}")
     tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
+    keep_alive = "close" not in tokens and (version == "HTTP/1.1" or "keep-alive" in tokens)
     expects = headers.get("expect", "").lower() == "100-continue" and version == "HTTP/1.1"
     return _Head(method, target, version, headers, length, chunked, keep_alive, expects)
 
@@ -1595,9 +1652,13 @@ def dechunk(data: bytes | bytearray, pos: int, limit: int) -> tuple[bytes, int] 
             raise RequestError(400, "bad_request", "malformed chunk size")
         size, pos = int(size_text, 16), eol + 2
         if size == 0:
+            trailers = pos
             while True:          # trailer fields, ignored, up to the empty line
-                eol = data.find(b"\r\n", pos)
+                eol = data.find(b"\r\n", pos, trailers + MAX_HEAD_BYTES + 2)
                 if eol < 0:
+                    if len(data) - trailers > MAX_HEAD_BYTES:
+                        raise RequestError(431, "too_large",
+                                           f"trailer fields over {MAX_HEAD_BYTES} bytes")
                     return None
                 if eol == pos:
                     return b"".join(pieces), eol + 2
@@ -1723,24 +1784,32 @@ def _allow(request: Request, methods: tuple) -> None:
 
 
 class Connection:
-    """One client connection as the reception thread sees it."""
+    """One client connection. Owned by the reception thread while it waits for a request, by
+    one worker while its request is answered: one-shot epoll events keep the two apart."""
 
-    __slots__ = ("sock", "peer", "buffer", "deadline", "started", "head", "head_end",
-                 "continued", "lingering", "busy")
+    __slots__ = ("sock", "fd", "peer", "buffer", "deadline", "started", "head", "head_end",
+                 "continued", "lingering", "busy", "outbox", "keep")
 
     def __init__(self, sock: socket.socket, peer, deadline: float):
-        self.sock, self.peer, self.deadline = sock, peer, deadline
+        self.sock, self.fd, self.peer, self.deadline = sock, sock.fileno(), peer, deadline
         self.buffer = bytearray()
-        self.started = self.continued = self.lingering = self.busy = False
+        self.started = self.continued = self.lingering = self.busy = self.keep = False
         self.head = None
         self.head_end = 0
+        self.outbox = b""     # the rest of an answer the client has not taken yet
+
+
+ONE_SHOT = select.EPOLLIN | select.EPOLLONESHOT
+ONE_SHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
 
 
 class SigningServer:
     """Accepts on one listening socket; one thread reads requests, ``max_threads`` answer them.
 
     The stdlib's ThreadingMixIn gives each connection a thread for its whole life, so idle and
-    slow clients would hold threads; here they hold only a buffer.
+    slow clients would hold threads; here they hold only a buffer.  A worker that has answered
+    re-arms its connection's one-shot epoll event itself, so a keep-alive client's next request
+    costs the reception thread one wake-up, not two.
     """
 
     def __init__(self, listener: socket.socket, authority: Authority, max_threads: int):
@@ -1749,14 +1818,15 @@ class SigningServer:
         self.stopping = False
         self.handler = SigningHandler(self)
         self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix="sapid-worker")
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
         self._connections: dict[int, Connection] = {}
-        self._returns = queue.SimpleQueue()
+        self._closing = queue.SimpleQueue()     # connections workers are done with
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w, listener):
             sock.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._selector.register(listener, selectors.EVENT_READ, "listen")
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._epoll.register(listener.fileno(), select.EPOLLIN)
+        self._listen_fd, self._wake_fd = listener.fileno(), self._wake_r.fileno()
         self._unix = listener.family == socket.AF_UNIX
         self._accept_paused_until = 0.0
 
@@ -1767,30 +1837,35 @@ class SigningServer:
     def wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass   # already awake
+        except OSError:
+            pass   # full: already awake
 
     # The reception loop -----------------------------------------------------------------------
 
     def serve(self, tick) -> None:
         """Serve until stopped and every request in flight has its answer; ``tick`` runs each turn."""
-        while not (self.stopping and not self._connections):
-            for key, _ in self._selector.select(0.25):
-                if key.data == "listen":
+        connections = self._connections
+        while not (self.stopping and not connections):
+            for fd, _ in self._epoll.poll(0.25):
+                if fd == self._listen_fd:
                     self._accept()
-                elif key.data == "wake":
+                elif fd == self._wake_fd:
                     self._drain_wake()
-                else:
-                    self._receive(key.data)
-            self._take_returns()
+                elif (conn := connections.get(fd)) is not None:
+                    if conn.outbox:
+                        self._send(conn)
+                    else:
+                        self._receive(conn)
+            self._take_closing()
             now = time.monotonic()
             if self._accept_paused_until and now >= self._accept_paused_until:
                 self._accept_paused_until = 0.0
-                self._selector.register(self.listener, selectors.EVENT_READ, "listen")
+                self._epoll.register(self._listen_fd, select.EPOLLIN)
             self._expire(now)
             tick()
         self._pool.shutdown(wait=True)
-        self._selector.close()
+        self._take_closing()
+        self._epoll.close()
 
     def stop(self) -> None:
         """Stop accepting and reading; requests already read still get their answers."""
@@ -1799,12 +1874,12 @@ class SigningServer:
         self.stopping = True
         with _suppress_os_error():
             if not self._accept_paused_until:
-                self._selector.unregister(self.listener)
+                self._epoll.unregister(self._listen_fd)
         self.listener.close()
         for conn in list(self._connections.values()):
-            if conn.busy:
-                continue
-            if conn.started and not conn.lingering:
+            if conn.busy or conn.outbox:
+                continue         # its answer is on its way; closed after that
+            if conn.started and not conn.lingering and (conn.buffer or conn.head is not None):
                 self._reject(conn, RequestError(503, "shutting_down", "the CA is shutting down"))
             self._close(conn)
 
@@ -1812,7 +1887,7 @@ class SigningServer:
         try:
             while self._wake_r.recv(4096):
                 pass
-        except (BlockingIOError, InterruptedError):
+        except OSError:
             pass
 
     def _accept(self) -> None:
@@ -1825,7 +1900,7 @@ class SigningServer:
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("cannot accept connections: %s; pausing 0.1 s", e.strerror)
-                    self._selector.unregister(self.listener)
+                    self._epoll.unregister(self._listen_fd)
                     self._accept_paused_until = now + 0.1
                     return
                 if e.errno == errno.ECONNABORTED:
@@ -1841,13 +1916,14 @@ class SigningServer:
                     peer = struct.unpack("3i", sock.getsockopt(
                         socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             conn = Connection(sock, peer, now + self.authority.config.request_timeout)
-            self._connections[sock.fileno()] = conn
-            self._selector.register(sock, selectors.EVENT_READ, conn)
+            self._connections[conn.fd] = conn
+            self._epoll.register(conn.fd, ONE_SHOT)
 
     def _receive(self, conn: Connection) -> None:
         try:
             data = conn.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
+            self._rearm(conn)
             return
         except OSError:
             data = b""
@@ -1855,15 +1931,26 @@ class SigningServer:
             self._close(conn)
             return
         if conn.lingering:
-            return   # draining what a refused client still sends
+            self._rearm(conn)   # draining what a refused client still sends
+            return
         if not conn.started:
             conn.started = True
             conn.deadline = time.monotonic() + self.authority.config.request_timeout
         conn.buffer += data
-        self._advance(conn)
+        if (request := self._advance(conn)) is not None:
+            self._pool.submit(self._answer, conn, request)
+        else:
+            self._rearm(conn)
 
-    def _advance(self, conn: Connection) -> None:
-        """Hand a complete request to the pool, or wait for more of it."""
+    def _rearm(self, conn: Connection, events: int = ONE_SHOT) -> None:
+        try:
+            self._epoll.modify(conn.fd, events)
+        except (OSError, ValueError):
+            pass    # closed meanwhile
+
+    def _advance(self, conn: Connection) -> Request | None:
+        """The next whole request in the connection's buffer, or None while it is partial (or
+        refused: then the connection lingers to be closed)."""
         config = self.authority.config
         buffer = conn.buffer
         try:
@@ -1875,9 +1962,7 @@ class SigningServer:
                     if len(buffer) > MAX_HEAD_BYTES:
                         raise RequestError(431, "too_large",
                                            f"request head over {MAX_HEAD_BYTES} bytes")
-                    if not buffer:
-                        conn.started = False
-                    return
+                    return None      # stray empty lines do not restart the clock
                 conn.head = parse_head(bytes(buffer[:end]), config.max_request_bytes)
                 conn.head_end = end + 4
             head = conn.head
@@ -1885,25 +1970,23 @@ class SigningServer:
                 done = dechunk(buffer, conn.head_end, config.max_request_bytes)
                 if done is None:
                     self._continue(conn)
-                    return
+                    return None
                 body, consumed = done
             elif head.length is not None:
                 consumed = conn.head_end + head.length
                 if len(buffer) < consumed:
                     self._continue(conn)
-                    return
+                    return None
                 body = bytes(buffer[conn.head_end:consumed])
             else:
                 body, consumed = None, conn.head_end
         except RequestError as e:
             self._reject(conn, e)
-            return
+            return None
         del buffer[:consumed]
         conn.head, conn.continued, conn.busy = None, False, True
-        request = Request(head.method, head.path, head.version, head.headers, body, conn.peer,
-                          head.keep_alive)
-        self._selector.unregister(conn.sock)
-        self._pool.submit(self._answer, conn, request)
+        return Request(head.method, head.path, head.version, head.headers, body, conn.peer,
+                       head.keep_alive)
 
     def _continue(self, conn: Connection) -> None:
         if conn.head.expects_continue and not conn.continued:
@@ -1912,7 +1995,8 @@ class SigningServer:
                 conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _reject(self, conn: Connection, error: RequestError) -> None:
-        """Answer an unreadable request and close, draining what the client still sends."""
+        """Answer an unreadable request; the connection lingers, draining what the client still
+        sends, until it closes or two seconds pass."""
         log.info("refused a request: %s", error.message)
         data = encode_response(error_response(error), False, True, "HTTP/1.1")
         conn.lingering, conn.buffer, conn.head = True, bytearray(), None
@@ -1921,57 +2005,90 @@ class SigningServer:
             conn.sock.send(data)
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self._close(conn)
+            pass    # the expiry sweep closes it
 
     def _expire(self, now: float) -> None:
         for conn in list(self._connections.values()):
             if conn.busy or now < conn.deadline:
                 continue
-            if conn.started and not conn.lingering:
+            if conn.started and not conn.lingering and not conn.outbox and (
+                    conn.buffer or conn.head is not None):
                 self._reject(conn, RequestError(408, "request_timeout",
                                                 "the request did not arrive in time"))
+                self._rearm(conn)
             else:
-                self._close(conn)
+                self._close(conn)     # idle, lingering, or not reading its answer
 
     def _close(self, conn: Connection) -> None:
-        fd = conn.sock.fileno()
-        if self._connections.pop(fd, None) is not None and not conn.busy:
+        if self._connections.pop(conn.fd, None) is not None:
             with _suppress_os_error():
-                self._selector.unregister(conn.sock)
+                self._epoll.unregister(conn.fd)
         conn.sock.close()
 
-    def _take_returns(self) -> None:
-        """Connections that a worker has answered: close them or wait for their next request."""
+    def _take_closing(self) -> None:
         while True:
             try:
-                conn, keep = self._returns.get_nowait()
+                conn = self._closing.get_nowait()
             except queue.Empty:
                 return
-            conn.busy = False
-            if not keep or self.stopping:
-                self._connections.pop(conn.sock.fileno(), None)
-                conn.sock.close()
-                continue
-            conn.started = bool(conn.buffer)
-            conn.deadline = time.monotonic() + self.authority.config.request_timeout
-            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-            if conn.buffer:
-                self._advance(conn)
+            self._close(conn)
 
     # The workers ------------------------------------------------------------------------------
 
     def _answer(self, conn: Connection, request: Request) -> None:
-        response = self.handler.respond(request)
-        keep = request.keep_alive and not self.stopping
-        data = encode_response(response, request.method == "HEAD", not keep, request.version)
-        try:
-            conn.sock.settimeout(self.authority.config.request_timeout)
-            conn.sock.sendall(data)
-            conn.sock.setblocking(False)
-        except OSError:
-            keep = False
-        self._returns.put((conn, keep))
+        """Answer ``request`` and any whole requests pipelined behind it.  A worker never waits
+        for a client: what the socket does not take at once, the reception thread sends."""
+        while request is not None:
+            response = self.handler.respond(request)
+            keep = request.keep_alive and not self.stopping
+            data = encode_response(response, request.method == "HEAD", not keep, request.version)
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                data, sent, keep = b"", 0, False
+            conn.deadline = time.monotonic() + self.authority.config.request_timeout
+            if sent < len(data):
+                conn.outbox, conn.keep, conn.busy = memoryview(data)[sent:], keep, False
+                self._rearm(conn, ONE_SHOT_OUT)
+                return
+            if not keep:
+                self._release(conn)
+                return
+            conn.started = bool(conn.buffer)
+            request = self._advance(conn) if conn.buffer else None
+        conn.busy = False
+        self._rearm(conn)
+
+    def _release(self, conn: Connection) -> None:
+        """Hand a connection to the reception thread for closing."""
+        conn.busy = False
+        self._closing.put(conn)
         self.wake()
+
+    def _send(self, conn: Connection) -> None:
+        """More of an answer to a client that reads slowly (reception thread)."""
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        conn.outbox = conn.outbox[sent:]
+        if conn.outbox:
+            self._rearm(conn, ONE_SHOT_OUT)
+        elif not conn.keep or self.stopping:
+            self._close(conn)
+        else:
+            conn.outbox = b""
+            conn.started = bool(conn.buffer)
+            conn.deadline = time.monotonic() + self.authority.config.request_timeout
+            if conn.buffer and (request := self._advance(conn)) is not None:
+                self._pool.submit(self._answer, conn, request)
+            else:
+                self._rearm(conn)
 
     def close(self) -> None:
         for conn in list(self._connections.values()):
