@@ -31,6 +31,7 @@ import inspect
 import ipaddress
 import json
 import logging
+import mmap
 import os
 import queue
 import re
@@ -188,6 +189,7 @@ CONFIG_KEYS = {
     "max_request_bytes": _bounded(int, 1024, 16 * 1024 * 1024),
     "request_timeout": _bounded(float, 0.1, 3600),
     "max_threads": _bounded(int, 1, 1024),
+    "workers": _bounded(int, 1, 64),
     "hook_timeout": _bounded(float, 0.1, 3600),
     "trusted_proxy": _yes_no,
     "strict_files": _yes_no,
@@ -209,6 +211,7 @@ class Config:
     max_request_bytes: int = 65536
     request_timeout: float = 10.0
     max_threads: int = 32
+    workers: int = 1
     hook_timeout: float = 30.0
     trusted_proxy: bool = False
     strict_files: bool = True
@@ -1120,6 +1123,7 @@ def _check_ca_certificate(certificate: x509.Certificate, path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 JOURNAL_FILE = "issued.pem"
+WORKER_SLOTS = 65      # the process itself and up to 64 workers
 INDEX_FOLDER = "issued"
 UNJOURNALED_FOLDER = "unjournaled"
 PEM_END = b"-----END CERTIFICATE-----\n"
@@ -1152,7 +1156,16 @@ class Records:
         self._lock = threading.Condition(threading.Lock())
         self._open = _Batch()
         self._flushing = False
-        self.count = self._recover()
+        self._recovered = self._recover()
+        # Certificates recorded by each process (slot 0 alone, or 1.. for forked workers), in
+        # memory that forked workers share, so that every one can tell the total.
+        self._shared = mmap.mmap(-1, 8 * WORKER_SLOTS)
+        self.slot = 0
+
+    @property
+    def count(self) -> int:
+        """Certificates in the journal: found at start plus recorded since, by every worker."""
+        return self._recovered + sum(struct.unpack_from(f"{WORKER_SLOTS}Q", self._shared))
 
     def _recover(self) -> int:
         """Cut a torn last record, drop temporary files, restore missing index files."""
@@ -1243,7 +1256,9 @@ class Records:
                     self._flushing = False
                     batch.done, batch.error = True, error
                     if error is None:
-                        self.count += len(batch.records)
+                        offset = 8 * self.slot
+                        mine = struct.unpack_from("Q", self._shared, offset)[0]
+                        struct.pack_into("Q", self._shared, offset, mine + len(batch.records))
                     self._lock.notify_all()
         if batch.error is not None:
             raise StoreError(f"{self.journal}: {batch.error}")
@@ -1801,6 +1816,22 @@ class Connection:
 
 ONE_SHOT = select.EPOLLIN | select.EPOLLONESHOT
 ONE_SHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
+LISTEN_EVENTS = select.EPOLLIN
+
+
+class Balance:
+    """Open connections per worker, in memory the forked workers share: a worker with more
+    than the fewest lets the others accept first, so keep-alive clients spread over them."""
+
+    def __init__(self, workers: int):
+        self.workers, self.slot = workers, 0
+        self.memory = mmap.mmap(-1, 8 * workers)
+
+    def update(self, count: int) -> None:
+        struct.pack_into("Q", self.memory, 8 * self.slot, count)
+
+    def fair(self, count: int) -> bool:
+        return count <= min(struct.unpack_from(f"{self.workers}Q", self.memory))
 
 
 class SigningServer:
@@ -1812,8 +1843,10 @@ class SigningServer:
     costs the reception thread one wake-up, not two.
     """
 
-    def __init__(self, listener: socket.socket, authority: Authority, max_threads: int):
+    def __init__(self, listener: socket.socket, authority: Authority, max_threads: int,
+                 balance: Balance | None = None):
         self.listener = listener
+        self.balance = balance
         self.authority = authority
         self.stopping = False
         self.handler = SigningHandler(self)
@@ -1825,7 +1858,7 @@ class SigningServer:
         for sock in (self._wake_r, self._wake_w, listener):
             sock.setblocking(False)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
-        self._epoll.register(listener.fileno(), select.EPOLLIN)
+        self._epoll.register(listener.fileno(), LISTEN_EVENTS)
         self._listen_fd, self._wake_fd = listener.fileno(), self._wake_r.fileno()
         self._unix = listener.family == socket.AF_UNIX
         self._accept_paused_until = 0.0
@@ -1860,7 +1893,7 @@ class SigningServer:
             now = time.monotonic()
             if self._accept_paused_until and now >= self._accept_paused_until:
                 self._accept_paused_until = 0.0
-                self._epoll.register(self._listen_fd, select.EPOLLIN)
+                self._epoll.register(self._listen_fd, LISTEN_EVENTS)
             self._expire(now)
             tick()
         self._pool.shutdown(wait=True)
@@ -1892,7 +1925,12 @@ class SigningServer:
 
     def _accept(self) -> None:
         now = time.monotonic()
-        for _ in range(64):
+        if self.balance is not None and not self.balance.fair(len(self._connections)):
+            # Another worker has fewer connections: let it take this one.
+            self._epoll.unregister(self._listen_fd)
+            self._accept_paused_until = now + 0.002
+            return
+        for _ in range(64 if self.balance is None else 1):
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -1917,6 +1955,8 @@ class SigningServer:
                         socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             conn = Connection(sock, peer, now + self.authority.config.request_timeout)
             self._connections[conn.fd] = conn
+            if self.balance is not None:
+                self.balance.update(len(self._connections))
             self._epoll.register(conn.fd, ONE_SHOT)
 
     def _receive(self, conn: Connection) -> None:
@@ -2020,6 +2060,8 @@ class SigningServer:
                 self._close(conn)     # idle, lingering, or not reading its answer
 
     def _close(self, conn: Connection) -> None:
+        if self.balance is not None:
+            self.balance.update(len(self._connections) - (conn.fd in self._connections))
         if self._connections.pop(conn.fd, None) is not None:
             with _suppress_os_error():
                 self._epoll.unregister(conn.fd)
@@ -2168,7 +2210,8 @@ def _remove_stale_socket(path: str) -> None:
 
 
 class Daemon:
-    """``sapid serve``: one process that systemd sees as one service."""
+    """``sapid serve``: one service to systemd, whether it serves in one process or in
+    ``workers`` processes forked after the key is loaded, all accepting on the same socket."""
 
     def __init__(self, config_path: str | None, socket_path: str | None, listen: str | None):
         self.config_path, self.socket_path, self.listen = config_path, socket_path, listen
@@ -2176,6 +2219,9 @@ class Daemon:
         self._watchdog_interval = None
         self._next_watchdog = self._next_status = 0.0
         self._status = None
+        self.server = None
+        self.workers = {}          # pid -> slot, in the supervising process
+        self.stopping = False
 
     def _config(self) -> Config:
         config = Config.load(self.config_path)
@@ -2186,40 +2232,119 @@ class Daemon:
         disable_core_dumps()
         self._passphrase = read_passphrase()
         self._raise_file_limit()
+        # Its threads start on demand, so none exists yet when workers are forked.
         self.runner = HookRunner(config.max_threads * 2)
-        authority = Authority.open(config, self._passphrase, self.runner)
-        if authority.hooks.path is None:
+        self.authority = Authority.open(config, self._passphrase, self.runner)
+        if self.authority.hooks.path is None:
             log.warning("no hooks file: every valid CSR is signed (set 'hooks' in %s)",
                         config.path or DEFAULT_CONFIG)
-        listener, self.where, bound = open_listener(config, self.listen)
-        bound_path = config.socket if bound else None
-        self.server = SigningServer(listener, authority, config.max_threads)
-        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+        self.listener, self.where, bound = open_listener(config, self.listen)
+        self._wake_r, self._wake_w = socket.socketpair()
+        for sock in (self._wake_r, self._wake_w):
+            sock.setblocking(False)
+        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
         previous = {signum: signal.signal(signum, self._queue_signal) for signum in handled}
-        wakeup = signal.set_wakeup_fd(self.server.wake_fd, warn_on_full_buffer=False)
+        wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         try:
             usec = int(os.environ.get("WATCHDOG_USEC", "0"))
             if usec > 0 and os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
                 self._watchdog_interval = usec / 2e6
         except ValueError:
             pass
-        log.info("serving on %s with CA %s", self.where,
-                 subject_text(authority.identity.certificate.subject))
-        sd_notify(f"READY=1\nSTATUS={self._status_text()}\nMAINPID={os.getpid()}")
+        log.info("serving on %s with CA %s%s", self.where,
+                 subject_text(self.authority.identity.certificate.subject),
+                 f", {config.workers} workers" if config.workers > 1 else "")
         try:
-            self.server.serve(self._tick)
+            if config.workers == 1:
+                self._serve()
+            else:
+                self._supervise(config.workers)
         finally:
             signal.set_wakeup_fd(wakeup)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            self.server.close()
-            if bound_path:
+            if bound:
                 with _suppress_os_error():
-                    os.unlink(bound_path)
-            if authority.records:
-                authority.records.close()
+                    os.unlink(config.socket)
+            if self.authority.records:
+                self.authority.records.close()
         log.info("stopped")
         return 0
+
+    def _serve(self, balance: Balance | None = None) -> None:
+        """Serve in this process until stopped."""
+        self.server = SigningServer(self.listener, self.authority,
+                                    self.authority.config.max_threads, balance)
+        signal.set_wakeup_fd(self.server.wake_fd, warn_on_full_buffer=False)
+        sd_notify(f"READY=1\nSTATUS={self._status_text()}\nMAINPID={os.getpid()}")
+        try:
+            self.server.serve(self._tick)
+        finally:
+            self.server.close()
+
+    # Workers ------------------------------------------------------------------------------------
+
+    def _supervise(self, count: int) -> None:
+        """Fork ``count`` workers, pass them reloads and stops, replace any that dies."""
+        self.balance = Balance(count)
+        for slot in range(count):
+            self._spawn(slot)
+        sd_notify(f"READY=1\nSTATUS={self._status_text()}\nMAINPID={os.getpid()}")
+        deaths = []
+        while not (self.stopping and not self.workers):
+            select.select([self._wake_r], [], [], 0.25)
+            with _suppress_os_error():
+                while self._wake_r.recv(4096):
+                    pass
+            self._tick()
+            while self.workers:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if not pid:
+                    break
+                slot = self.workers.pop(pid, None)
+                if slot is None or self.stopping:
+                    continue
+                log.error("worker %d (pid %d) ended unexpectedly (%s); starting another", slot,
+                          pid, _wait_text(status))
+                now = time.monotonic()
+                deaths = [t for t in deaths if now - t < 10] + [now]
+                if len(deaths) > 3 * len(self.workers) + 3:
+                    log.error("workers keep dying; stopping")
+                    self.handle_term(signal.SIGTERM)
+                    continue
+                self._spawn(slot)
+
+    def _spawn(self, slot: int) -> None:
+        pid = os.fork()
+        if pid:
+            self.workers[pid] = slot
+            return
+        code = 1
+        try:
+            # A worker is not what systemd watches: only the supervisor notifies.
+            for variable in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+                os.environ.pop(variable, None)
+            self._watchdog_interval = None
+            self._signals.clear()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self.workers = {}
+            if self.authority.records:
+                self.authority.records.slot = slot + 1
+            self._wake_r.close()
+            self._wake_w.close()
+            self.balance.slot = slot
+            self.balance.update(0)
+            self._serve(self.balance)
+            code = 0
+        except BaseException:
+            log.exception("worker %d failed", slot)
+        finally:
+            os._exit(code)
+
+    # Signals ------------------------------------------------------------------------------------
 
     @staticmethod
     def _raise_file_limit() -> None:
@@ -2237,13 +2362,13 @@ class Daemon:
             signum = self._signals.pop(0)
             if signum == signal.SIGHUP:
                 self.handle_hup()
-            else:
+            elif signum != signal.SIGCHLD:      # SIGCHLD only wakes the supervisor up
                 self.handle_term(signum)
         now = time.monotonic()
         if self._watchdog_interval and now >= self._next_watchdog:
             sd_notify("WATCHDOG=1")
             self._next_watchdog = now + self._watchdog_interval
-        if now >= self._next_status and not self.server.stopping:
+        if now >= self._next_status and not self.stopping:
             status = self._status_text()
             if status != self._status:
                 sd_notify(f"STATUS={status}")
@@ -2251,22 +2376,29 @@ class Daemon:
             self._next_status = now + 5.0
 
     def _status_text(self) -> str:
-        records = self.server.authority.records if hasattr(self, "server") else None
-        count = records.count if records else 0
-        return f"serving on {self.where}, {count} certificates signed"
+        records = self.authority.records
+        workers = f" with {len(self.workers)} workers" if self.workers else ""
+        return (f"serving on {self.where}{workers}, {records.count if records else 0} "
+                "certificates signed")
 
     def handle_hup(self) -> None:
         """Reload config, identity and hooks; on any error keep serving with the old ones."""
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}\nSTATUS=reloading")
-        old = self.server.authority
+        old = self.authority
         try:
             config = dataclasses.replace(self._config(), socket=old.config.socket,
-                                         max_threads=old.config.max_threads)
-            self.server.authority = Authority.open(config, self._passphrase, self.runner,
-                                                   records=old.records)
+                                         max_threads=old.config.max_threads,
+                                         workers=old.config.workers)
+            self.authority = Authority.open(config, self._passphrase, self.runner,
+                                            records=old.records)
+            if self.server is not None:
+                self.server.authority = self.authority
             log.info("reloaded: CA %s, hooks %s",
-                     subject_text(self.server.authority.identity.certificate.subject),
-                     self.server.authority.hooks.path or "built-in")
+                     subject_text(self.authority.identity.certificate.subject),
+                     self.authority.hooks.path or "built-in")
+            for pid in self.workers:         # each worker reloads the same files itself
+                with _suppress_os_error():
+                    os.kill(pid, signal.SIGHUP)
         except SapidError as e:
             log.error("reload failed, still serving with the previous setup: %s", e)
         self._status = None
@@ -2275,7 +2407,18 @@ class Daemon:
     def handle_term(self, signum: int) -> None:
         log.info("%s: finishing the requests in flight", signal.Signals(signum).name)
         sd_notify("STOPPING=1\nSTATUS=stopping")
-        self.server.stop()
+        self.stopping = True
+        if self.server is not None:
+            self.server.stop()
+        for pid in self.workers:
+            with _suppress_os_error():
+                os.kill(pid, signal.SIGTERM)
+
+
+def _wait_text(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
 # ---------------------------------------------------------------------------------------------

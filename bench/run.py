@@ -51,22 +51,47 @@ def say(message: str) -> None:
 # Processes under test
 # ---------------------------------------------------------------------------------------------
 
+def proc_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (sapid's forked workers)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as file:
+                    pending.extend(int(child) for child in file.read().split())
+        except OSError:
+            pass
+    return found
+
+
 def proc_status(pid: int) -> dict:
-    """VmRSS, VmHWM, ... of /proc/<pid>/status, in KiB."""
+    """VmRSS, VmHWM, ... of /proc/<pid>/status, in KiB, added up over its process tree."""
     figures = {}
-    with open(f"/proc/{pid}/status") as file:
-        for line in file:
-            name, _, value = line.partition(":")
-            if name.startswith("Vm") and value.strip().endswith("kB"):
-                figures[name] = int(value.split()[0])
+    for member in proc_tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as file:
+                for line in file:
+                    name, _, value = line.partition(":")
+                    if name.startswith("Vm") and value.strip().endswith("kB"):
+                        figures[name] = figures.get(name, 0) + int(value.split()[0])
+        except OSError:
+            pass
     return figures
 
 
 def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of every thread of ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as file:
-        fields = file.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """User + system CPU seconds of every thread of ``pid`` and its workers so far."""
+    total = 0
+    for member in proc_tree(pid):
+        try:
+            with open(f"/proc/{member}/stat") as file:
+                fields = file.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
 
 
 def machine_busy() -> float:
@@ -135,8 +160,9 @@ class Server:
 class Sapid(Server):
     name = "sapid"
 
-    def __init__(self, folder: Path, key: str):
+    def __init__(self, folder: Path, key: str, workers: int = 1):
         super().__init__(folder, key)
+        self.workers = workers
         self.identity = folder / "identity"
         self.socket = folder / "sapid.sock"
         self.notify_path = folder / "notify.sock"
@@ -155,6 +181,7 @@ class Sapid(Server):
             f"identity = {self.identity}\n"
             f"state = {self.folder / 'state'}\n"
             f"socket = {self.socket}\n"
+            f"workers = {self.workers}\n"
             "hooks =\n")
 
     def start(self) -> None:
@@ -546,6 +573,9 @@ def parse_args(argv):
                         help="comma-separated (default 1,2,8,32,128; 1,8 in --smoke)")
     parser.add_argument("--servers", default="sapid,cfssl,ceiling",
                         help="which of sapid,cfssl,ceiling to measure (default all three)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="sapid's workers setting (default 1; the machine's cores: "
+                             "one process per core)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="measure each cell this many times, servers taking turns, and "
                              "keep the fastest (default 2; 1 in --smoke)")
@@ -602,7 +632,7 @@ def main(argv=None) -> int:
             say(f"{KEY_LABELS[key]}: {len(pool.pems)} CSRs made in {pool.seconds:.1f} s")
             present = []
             if "sapid" in args.servers or "ceiling" in args.servers:
-                sapid = Sapid(work / key / "sapid", key)
+                sapid = Sapid(work / key / "sapid", key, args.workers)
                 sapid.prepare()
                 if "ceiling" in args.servers:
                     ca_key = load_ca_key(sapid.identity / "ca.private_key.pem")
@@ -673,7 +703,7 @@ def main(argv=None) -> int:
              f"best of {args.rounds} round(s) of {args.duration:g} s per cell (cap "
              f"{args.requests} requests), CSR pool of "
              f"{args.pool} per key, concurrency {', '.join(map(str, args.concurrency))}; "
-             f"ceiling with 1 and {threads} threads."
+             f"ceiling with 1 and {threads} threads; sapid with workers = {args.workers}."
              + (" Smoke run: sapid only." if args.smoke else ""), ""]
     for key in args.keys:
         parts += [key_table(key, cells), ""]
