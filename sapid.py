@@ -1879,7 +1879,10 @@ class SigningServer:
         """Serve until stopped and every request in flight has its answer; ``tick`` runs each turn."""
         connections = self._connections
         while not (self.stopping and not connections):
-            for fd, _ in self._epoll.poll(0.25):
+            wait = 0.25
+            if self._accept_paused_until:
+                wait = min(wait, max(0.0, self._accept_paused_until - time.monotonic()))
+            for fd, _ in self._epoll.poll(wait):
                 if fd == self._listen_fd:
                     self._accept()
                 elif fd == self._wake_fd:
