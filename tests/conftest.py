@@ -5,6 +5,7 @@ separate processes, as operators and devices run them."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -19,7 +20,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import sapid  # noqa: E402
 
 SAPID = [sys.executable, str(ROOT / "sapid")]
 PASSPHRASE = "correct horse battery staple"
@@ -268,3 +268,37 @@ def save_certificate(folder: Path, reply: dict, name="cert.pem") -> Path:
     path = folder / name
     path.write_text(reply["signed_x509_pem"])
     return path
+
+
+class KeepAliveClient:
+    """A keep-alive HTTP/1.1 client on the daemon's Unix socket."""
+
+    def __init__(self, path: str, timeout=30.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buffer = b""
+
+    def _read(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed by the daemon")
+        self.buffer += chunk
+
+    def sign(self, csr: bytes, client_id: str):
+        self.sock.sendall(
+            f"PUT /api/csr/{client_id} HTTP/1.1\r\nHost: sapid\r\nContent-Type: "
+            f"application/pkcs10\r\nContent-Length: {len(csr)}\r\n\r\n".encode() + csr)
+        while b"\r\n\r\n" not in self.buffer:
+            self._read()
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)[1])
+        self.buffer = rest
+        while len(self.buffer) < length:
+            self._read()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return status, json.loads(body)
+
+    def close(self):
+        self.sock.close()

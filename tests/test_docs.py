@@ -7,9 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 
 import sapid
 from conftest import ROOT, run

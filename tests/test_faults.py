@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import textwrap
 import threading
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from conftest import make_csr, run, write_hooks
+from conftest import KeepAliveClient as Client, make_csr, run, write_hooks
 
 PEM_END = b"-----END CERTIFICATE-----\n"
 
@@ -82,40 +81,6 @@ def timed_sign(daemon, csr: Path, client_id: str):
     started = time.monotonic()
     status, reply = daemon.sign(csr, client_id)
     return status, reply, time.monotonic() - started
-
-
-class Client:
-    """A keep-alive HTTP/1.1 client on the daemon's Unix socket."""
-
-    def __init__(self, path: str, timeout=30.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.buffer = b""
-
-    def _read(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed by the daemon")
-        self.buffer += chunk
-
-    def sign(self, csr: bytes, client_id: str):
-        self.sock.sendall(
-            f"PUT /api/csr/{client_id} HTTP/1.1\r\nHost: sapid\r\nContent-Type: "
-            f"application/pkcs10\r\nContent-Length: {len(csr)}\r\n\r\n".encode() + csr)
-        while b"\r\n\r\n" not in self.buffer:
-            self._read()
-        head, _, rest = self.buffer.partition(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        length = int(re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)[1])
-        self.buffer = rest
-        while len(self.buffer) < length:
-            self._read()
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        return status, json.loads(body)
-
-    def close(self):
-        self.sock.close()
 
 
 # Hooks that hang ---------------------------------------------------------------------------------

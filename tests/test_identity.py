@@ -555,3 +555,41 @@ def test_chain_that_is_not_pem_is_refused(tmp_path):
     (folder / "ca.chain.pem").write_text("not a certificate\n")
     done = check(tmp_path, folder)
     one_error_line(done.returncode, done.stderr, "ca.chain.pem")
+
+
+def test_subordinate_chain_in_python_ssl(daemon_factory, tmp_path):
+    """A server presenting its sapid certificate with the reply's chain: Python's ssl reaches the
+    operator's root; trusting only another root, or without the chain, it does not."""
+    import ssl
+
+    from tls import PythonServer, python_client
+    folder, root = subordinate(tmp_path)
+    daemon = daemon_factory(identity=folder)
+    csr = make_csr(tmp_path, "p256", subject="/CN=localhost", sans="DNS:localhost,IP:127.0.0.1",
+                   name="server")
+    status, reply = daemon.sign(csr)
+    assert status == 200, reply
+    chain = x509.load_pem_x509_certificates(reply["ca_x509_pem"].encode())
+    full = tmp_path / "fullchain.pem"     # leaf + intermediate, as a server sends them
+    full.write_text(reply["signed_x509_pem"] + chain[0].public_bytes(
+        serialization.Encoding.PEM).decode())
+    alone = save_certificate(tmp_path, reply, "alone.pem")
+
+    def server_context(certificate):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificate, tmp_path / "server.key")
+        return context
+
+    def client_context(trusted):
+        context = ssl.create_default_context(cafile=str(trusted))
+        context.verify_flags |= ssl.VERIFY_X509_STRICT
+        return context
+
+    with PythonServer(server_context(full)) as server:
+        assert python_client(server.port, client_context(root)) == b"hello\n"
+        other_root, _ = root_ca(tmp_path / "other")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            python_client(server.port, client_context(other_root))
+    with PythonServer(server_context(alone)) as server:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            python_client(server.port, client_context(root))

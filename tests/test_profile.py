@@ -4,7 +4,6 @@ for each CA key type; the pipeline runs in process (Authority.issue), signing re
 from __future__ import annotations
 
 import datetime
-import os
 
 import pytest
 from cryptography import x509

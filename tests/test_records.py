@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 
 from cryptography import x509
 
 import sapid
-from conftest import make_csr, openssl_verify, run
+from conftest import make_csr, openssl_verify
 
 
 def test_200_requests_from_20_clients(daemon, tmp_path):

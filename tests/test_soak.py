@@ -4,10 +4,8 @@ its audit line, its journal record and its index file (DESIGN.md "Issued records
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import socket
 import threading
 import time
 
@@ -16,6 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from conftest import KeepAliveClient as Client
+
 CLIENTS = 32
 SIGNINGS = 20_000
 CSRS = 64
@@ -23,40 +23,6 @@ TIME_LIMIT = 300.0          # seconds for the signings; the whole test stays wit
 RSS_LIMIT_KB = 150 * 1024
 THREAD_SLACK = 8
 MAX_THREADS = 32           # the default of max_threads
-
-
-class Client:
-    """A keep-alive HTTP/1.1 client on the daemon's Unix socket."""
-
-    def __init__(self, path: str, timeout=30.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.buffer = b""
-
-    def _read(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed by the daemon")
-        self.buffer += chunk
-
-    def sign(self, csr: bytes, client_id: str):
-        self.sock.sendall(
-            f"PUT /api/csr/{client_id} HTTP/1.1\r\nHost: sapid\r\nContent-Type: "
-            f"application/pkcs10\r\nContent-Length: {len(csr)}\r\n\r\n".encode() + csr)
-        while b"\r\n\r\n" not in self.buffer:
-            self._read()
-        head, _, rest = self.buffer.partition(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        length = int(re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)[1])
-        self.buffer = rest
-        while len(self.buffer) < length:
-            self._read()
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        return status, json.loads(body)
-
-    def close(self):
-        self.sock.close()
 
 
 def make_csrs(count: int) -> list[bytes]:
