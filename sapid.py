@@ -17,6 +17,7 @@ import argparse
 import ast
 import base64
 import configparser
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -1219,7 +1220,7 @@ class Records:
             finally:
                 os.unlink(temporary)
         except OSError as e:
-            with _suppress_os_error():
+            with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise StoreError(f"{self.index}: {e.strerror}") from None
         return True
@@ -1232,7 +1233,7 @@ class Records:
         try:
             self._append(record)
         except StoreError:
-            with _suppress_os_error():
+            with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.index, f"{serial}.pem"))
             raise
         return True
@@ -1270,12 +1271,12 @@ class Records:
             os.fdatasync(self._fd)
             return None
         except OSError as e:
-            with _suppress_os_error():
+            with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, size)   # no torn record behind a failed write
             return e.strerror or str(e)
 
     def close(self) -> None:
-        with _suppress_os_error():
+        with contextlib.suppress(OSError):
             os.close(self._fd)
 
 
@@ -1283,14 +1284,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-class _suppress_os_error:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, trace):
-        return kind is not None and issubclass(kind, OSError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1908,7 +1901,7 @@ class SigningServer:
         if self.stopping:
             return
         self.stopping = True
-        with _suppress_os_error():
+        with contextlib.suppress(OSError):
             if not self._accept_paused_until:
                 self._epoll.unregister(self._listen_fd)
         self.listener.close()
@@ -1953,7 +1946,7 @@ class SigningServer:
             sock.setblocking(False)
             peer = None
             if self._unix:
-                with _suppress_os_error():
+                with contextlib.suppress(OSError):
                     peer = struct.unpack("3i", sock.getsockopt(
                         socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             conn = Connection(sock, peer, now + self.authority.config.request_timeout)
@@ -2034,7 +2027,7 @@ class SigningServer:
     def _continue(self, conn: Connection) -> None:
         if conn.head.expects_continue and not conn.continued:
             conn.continued = True
-            with _suppress_os_error():
+            with contextlib.suppress(OSError):
                 conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _reject(self, conn: Connection, error: RequestError) -> None:
@@ -2066,7 +2059,7 @@ class SigningServer:
         if self.balance is not None:
             self.balance.update(len(self._connections) - (conn.fd in self._connections))
         if self._connections.pop(conn.fd, None) is not None:
-            with _suppress_os_error():
+            with contextlib.suppress(OSError):
                 self._epoll.unregister(conn.fd)
         conn.sock.close()
 
@@ -2267,7 +2260,7 @@ class Daemon:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             if bound:
-                with _suppress_os_error():
+                with contextlib.suppress(OSError):
                     os.unlink(config.socket)
             if self.authority.records:
                 self.authority.records.close()
@@ -2296,7 +2289,7 @@ class Daemon:
         deaths = []
         while not (self.stopping and not self.workers):
             select.select([self._wake_r], [], [], 0.25)
-            with _suppress_os_error():
+            with contextlib.suppress(OSError):
                 while self._wake_r.recv(4096):
                     pass
             self._tick()
@@ -2354,7 +2347,7 @@ class Daemon:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         wanted = min(hard, MAX_CONNECTIONS + 256)
         if soft < wanted:
-            with _suppress_os_error():
+            with contextlib.suppress(OSError):
                 resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
     def _queue_signal(self, signum, frame) -> None:
@@ -2400,7 +2393,7 @@ class Daemon:
                      subject_text(self.authority.identity.certificate.subject),
                      self.authority.hooks.path or "built-in")
             for pid in self.workers:         # each worker reloads the same files itself
-                with _suppress_os_error():
+                with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGHUP)
         except SapidError as e:
             log.error("reload failed, still serving with the previous setup: %s", e)
@@ -2414,7 +2407,7 @@ class Daemon:
         if self.server is not None:
             self.server.stop()
         for pid in self.workers:
-            with _suppress_os_error():
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
 
 
