@@ -1,13 +1,14 @@
 #!/bin/sh
 # A throwaway development CA: a virtual environment, a CA made by 'sapid init' and 'sapid serve'
 # on a local socket, all under ./dev (or $SAPID_DEV). Ctrl-C stops it. Not for production: the
-# passphrase of this CA sits in dev/passphrase.
+# passphrase of this CA sits in dev/passphrase. $SAPID_VENV names another virtual environment.
 set -eu
 top=$(cd "$(dirname "$0")/.." && pwd)
 dev=${SAPID_DEV:-$top/dev}
-if [ ! -x "$top/.venv/bin/sapid" ]; then
-    python3 -m venv "$top/.venv"
-    "$top/.venv/bin/pip" install -q --disable-pip-version-check -e "$top"
+venv=${SAPID_VENV:-$top/.venv}
+if [ ! -x "$venv/bin/sapid" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -e "$top"
 fi
 mkdir -p "$dev"
 chmod 0700 "$dev"
@@ -15,7 +16,7 @@ chmod 0700 "$dev"
 CA_PASSPHRASE=$(cat "$dev/passphrase")
 export CA_PASSPHRASE
 [ -f "$dev/identity/ca.cert.pem" ] ||
-    "$top/.venv/bin/sapid" init -d "$dev/identity" -f CN "sapid development CA" -f O "Development" -v 1
+    "$venv/bin/sapid" init -d "$dev/identity" -f CN "sapid development CA" -f O "Development" -v 1
 cat > "$dev/sapid.conf" <<CONF
 [sapid]
 identity = identity
@@ -32,4 +33,4 @@ sapid development CA on $dev/sapid.sock. In another terminal:
   curl --unix-socket $dev/sapid.sock -T device.csr http://sapid/api/csr/device1
 
 HELP
-exec "$top/.venv/bin/sapid" serve -c "$dev/sapid.conf"
+exec "$venv/bin/sapid" serve -c "$dev/sapid.conf"
