@@ -1392,7 +1392,6 @@ class Authority:
         self.ca_pem_text = self.ca_pem.decode()
         self._backdate = datetime.timedelta(seconds=config.backdate_seconds)
         self._validity = datetime.timedelta(days=config.validity_days)
-        self.info = AuthorityInfo(certificate, identity.chain, config)
 
     @classmethod
     def open(cls, config: Config, passphrase: str | None, runner: HookRunner, *,
@@ -1452,16 +1451,10 @@ class Authority:
                                "a hook of this CA failed; its log has the details") from None
 
     def _prepare(self, signing: Signing, checked: CheckedCSR):
-        """Hooks instance, authorize, draft and presign: everything before the key is used."""
-        csr = checked.csr
+        """Hooks instance, authorize, draft and presign: everything before the key is used.
+        With the built-in hooks no instance is made: nothing would read it."""
         custom = self.hooks.custom
-        pem = signing.body.decode("ascii", "replace") if signing.body.lstrip()[:1] == b"-" else (
-            csr.public_bytes(serialization.Encoding.PEM).decode())
-        instance = self.hooks.new(signing.client_id, hashlib.sha1(checked.spki).hexdigest(), csr,
-                                  pem)
-        instance.peer = signing.peer
-        if signing.headers is not None:
-            instance.headers = signing.headers
+        instance = self._hooks_instance(signing, checked) if custom else None
         validity = self._validity
         if "authorize" in custom:
             try:
@@ -1481,6 +1474,17 @@ class Authority:
         if "presign" in custom:
             instance.presign(draft)
         return instance, draft
+
+    def _hooks_instance(self, signing: Signing, checked: CheckedCSR) -> SigningHooks:
+        csr = checked.csr
+        pem = signing.body.decode("ascii", "replace") if signing.body.lstrip()[:1] == b"-" else (
+            csr.public_bytes(serialization.Encoding.PEM).decode())
+        instance = self.hooks.new(signing.client_id, hashlib.sha1(checked.spki).hexdigest(), csr,
+                                  pem)
+        instance.peer = signing.peer
+        if signing.headers is not None:
+            instance.headers = signing.headers
+        return instance
 
     def draft(self, checked: CheckedCSR, validity: datetime.timedelta) -> Draft:
         """The default profile of DESIGN.md for this CSR."""
@@ -1779,7 +1783,10 @@ class SigningHandler:
         })
 
     @staticmethod
-    def _hook_headers(headers: dict, authority: Authority) -> Headers:
+    def _hook_headers(headers: dict, authority: Authority) -> Headers | None:
+        """The headers hooks see; None when only the built-in hooks run."""
+        if not authority.hooks.custom:
+            return None
         if authority.config.trusted_proxy:
             return Headers(headers)
         return Headers({k: v for k, v in headers.items() if not k.startswith(PROXY_HEADER_PREFIXES)})
