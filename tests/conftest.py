@@ -178,7 +178,7 @@ class Daemon:
     # Clients ---------------------------------------------------------------------------------
 
     def curl(self, path: str, method: str = "GET", data: Path | bytes | None = None,
-             headers: dict | None = None, client_id: str | None = None):
+             headers: dict | None = None):
         """(status, parsed JSON or text, headers text) of one request made with curl."""
         return curl(self.socket, path, method, data, headers, self.folder)
 
