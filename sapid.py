@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import collections
 import configparser
 import contextlib
 import ctypes
@@ -23,6 +24,7 @@ import dataclasses
 import datetime
 import difflib
 import errno
+import functools
 import getpass
 import grp
 import hashlib
@@ -54,8 +56,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, padding as sym_padding, serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
@@ -469,6 +473,62 @@ def signature_hash(key):
         return {384: hashes.SHA384(), 521: hashes.SHA512()}.get(key.curve.key_size,
                                                                hashes.SHA256())
     return hashes.SHA256()
+
+
+SIGNATURE_OIDS = {
+    ("rsa", "sha256"): "1.2.840.113549.1.1.11", ("rsa", "sha384"): "1.2.840.113549.1.1.12",
+    ("rsa", "sha512"): "1.2.840.113549.1.1.13", ("ec", "sha256"): "1.2.840.10045.4.3.2",
+    ("ec", "sha384"): "1.2.840.10045.4.3.3", ("ec", "sha512"): "1.2.840.10045.4.3.4",
+    ("ed25519", None): "1.3.101.112", ("ed448", None): "1.3.101.113",
+}
+
+
+def certificate_signer(key) -> tuple[bytes, object]:
+    """The AlgorithmIdentifier (DER) of the certificates ``key`` signs, and a function that
+    signs a TBSCertificate with it (RFC 5280 4.1.1.2, RFC 8410); ValueError for other keys."""
+    digest = signature_hash(key)
+    if isinstance(key, rsa.RSAPrivateKey):
+        kind, sign = "rsa", lambda tbs: key.sign(tbs, asym_padding.PKCS1v15(), digest)
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        kind, sign = "ec", lambda tbs: key.sign(tbs, ec.ECDSA(digest))
+    elif isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+        kind, sign = ("ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "ed448",
+                      key.sign)
+    else:
+        raise ValueError(f"a {key_description(key.public_key())} key cannot sign certificates "
+                         "here: the CA key must be RSA, EC, Ed25519 or Ed448")
+    oid = _der_oid(SIGNATURE_OIDS[kind, digest.name if digest else None])
+    # RSA's AlgorithmIdentifier carries NULL parameters; ECDSA's and EdDSA's none.
+    return _der_seq(oid, b"\x05\x00") if kind == "rsa" else _der_seq(oid), sign
+
+
+def _der_int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
+
+
+EARLIEST_TIME = datetime.datetime(1950, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def _der_time(moment: datetime.datetime) -> bytes:
+    """UTCTime through 2049, GeneralizedTime from 2050 (RFC 5280 4.1.2.5); whole seconds."""
+    if moment < EARLIEST_TIME:
+        raise ValueError(f"{moment} is before 1950")
+    if moment.year < 2050:
+        return _der(0x17, moment.strftime("%y%m%d%H%M%SZ").encode())
+    return _der(0x18, moment.strftime("%Y%m%d%H%M%SZ").encode())
+
+
+@functools.lru_cache(maxsize=256)
+def _der_oid_cached(dotted: str) -> bytes:
+    return _der_oid(dotted)
+
+
+def _der_extension(extension: x509.Extension) -> bytes:
+    if not isinstance(extension, x509.Extension):
+        raise TypeError(f"{type(extension).__name__} in the extensions, not an x509.Extension")
+    return _der_seq(_der_oid_cached(extension.oid.dotted_string),
+                    b"\x01\x01\xff" if extension.critical else b"",   # DEFAULT FALSE: omitted
+                    _der(0x04, extension.value.public_bytes()))
 
 
 def generate_key(kind: str):
@@ -1100,6 +1160,26 @@ class Identity:
                         for c in (self.certificate, *self.chain))
 
 
+def _subject_der(certificate: x509.Certificate) -> bytes:
+    """The subject Name of ``certificate``, byte for byte as it is encoded there."""
+    data = certificate.tbs_certificate_bytes
+    _, pos, _ = _der_read(data, 0)
+    if data[pos] == 0xA0:                          # [0] version
+        pos = _der_read(data, pos)[2]
+    for _ in range(4):                             # serial, signature, issuer, validity
+        pos = _der_read(data, pos)[2]
+    return data[pos:_der_read(data, pos)[2]]
+
+
+def _aware(moment) -> datetime.datetime:
+    """A draft's time in UTC; a naive one is taken as UTC, as cryptography does."""
+    if not isinstance(moment, datetime.datetime):
+        raise TypeError(f"{type(moment).__name__} where a datetime belongs")
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.astimezone(datetime.timezone.utc)
+
+
 def _check_ca_certificate(certificate: x509.Certificate, path: str) -> None:
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -1131,10 +1211,11 @@ PEM_END = b"-----END CERTIFICATE-----\n"
 
 
 class _Batch:
-    __slots__ = ("records", "done", "error")
+    __slots__ = ("done", "error", "records", "waiting")
 
     def __init__(self):
         self.records, self.done, self.error = [], False, None
+        self.waiting = []      # (serial, callback) of the records added with add_later
 
 
 class Records:
@@ -1149,7 +1230,9 @@ class Records:
         try:
             os.makedirs(folder, mode=0o750, exist_ok=True)
             os.makedirs(self.index, mode=0o750, exist_ok=True)
-            self._fd = os.open(self.journal, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+            # O_DSYNC: each write returns once durable, as if fdatasync followed it.
+            self._fd = os.open(self.journal, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                               | os.O_DSYNC,
                                0o640)
         except OSError as e:
             raise ConfigError(f"{e.filename or folder}: cannot open the issued records: "
@@ -1157,6 +1240,9 @@ class Records:
         self._lock = threading.Condition(threading.Lock())
         self._open = _Batch()
         self._flushing = False
+        self._committer = None    # pid of the process whose committing thread runs
+        self._completed = collections.deque()   # ([(serial, then)], error) of synced batches
+        self.wake = lambda: None  # tells whoever calls run_completed that there is work
         self._recovered = self._recover()
         # Certificates recorded by each process (slot 0 alone, or 1.. for forked workers), in
         # memory that forked workers share, so that every one can tell the total.
@@ -1229,14 +1315,52 @@ class Records:
         """Record a certificate durably; False (nothing written) when its serial is taken."""
         if not self._write_index(serial, pem):
             return False
-        record = f"# serial {serial} client {client_id} at {iso_time(utcnow())}\n".encode() + pem
         try:
-            self._append(record)
+            self._append(self._record(serial, pem, client_id))
         except StoreError:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self.index, f"{serial}.pem"))
+            self._unindex(serial)
             raise
         return True
+
+    def add_later(self, serial: str, pem: bytes, client_id: str, then) -> bool:
+        """Like ``add``, without waiting for the disk: the index file is written now, and this
+        process's committing thread appends the journal record and calls ``wake``; then
+        ``run_completed`` calls ``then(None)``, or ``then(StoreError)`` after removing the
+        index file, on the thread that calls it."""
+        if not self._write_index(serial, pem):
+            return False
+        record = self._record(serial, pem, client_id)
+        with self._lock:
+            if self._committer != os.getpid():       # none yet in this (maybe forked) process
+                self._committer = os.getpid()
+                threading.Thread(target=self._commit_loop, name="sapid-commit",
+                                 daemon=True).start()
+            batch = self._open
+            batch.records.append(record)
+            batch.waiting.append((serial, then))
+            if len(batch.waiting) == 1 and not self._flushing:
+                self._lock.notify_all()
+        return True
+
+    def run_completed(self) -> None:
+        """Call back for the records ``add_later`` took that are now durable (or failed)."""
+        while self._completed:
+            waiting, error = self._completed.popleft()
+            for serial, then in waiting:
+                if error is not None:
+                    self._unindex(serial)
+                try:
+                    then(error)
+                except Exception:
+                    log.exception("answering for certificate %s failed", serial)
+
+    @staticmethod
+    def _record(serial: str, pem: bytes, client_id: str) -> bytes:
+        return f"# serial {serial} client {client_id} at {iso_time(utcnow())}\n".encode() + pem
+
+    def _unindex(self, serial: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.index, f"{serial}.pem"))
 
     def _append(self, record: bytes) -> None:
         with self._lock:
@@ -1247,28 +1371,45 @@ class Records:
                     self._lock.wait()
                     continue
                 # Nobody is flushing, so our batch is still the open one: lead its flush.
-                self._flushing = True
-                self._open = _Batch()
-                self._lock.release()
-                try:
-                    error = self._flush(b"".join(batch.records))
-                finally:
-                    self._lock.acquire()
-                    self._flushing = False
-                    batch.done, batch.error = True, error
-                    if error is None:
-                        offset = 8 * self.slot
-                        mine = struct.unpack_from("Q", self._shared, offset)[0]
-                        struct.pack_into("Q", self._shared, offset, mine + len(batch.records))
-                    self._lock.notify_all()
+                self._lead()
         if batch.error is not None:
             raise StoreError(f"{self.journal}: {batch.error}")
+
+    def _lead(self) -> _Batch:
+        """Write and sync the open batch; called and returns with the lock held, which is
+        released meanwhile so that the next batch can gather."""
+        batch, self._open, self._flushing = self._open, _Batch(), True
+        self._lock.release()
+        try:
+            error = self._flush(b"".join(batch.records))
+        finally:
+            self._lock.acquire()
+            self._flushing = False
+            batch.done, batch.error = True, error
+            if error is None:
+                offset = 8 * self.slot
+                mine = struct.unpack_from("Q", self._shared, offset)[0]
+                struct.pack_into("Q", self._shared, offset, mine + len(batch.records))
+            self._lock.notify_all()
+            if batch.waiting:
+                self._completed.append((batch.waiting, None if error is None else
+                                        StoreError(f"{self.journal}: {error}")))
+                self.wake()
+        return batch
+
+    def _commit_loop(self) -> None:
+        """The committing thread: write what ``add_later`` left, batch after batch.  It runs
+        no callback itself, so it needs the interpreter lock only briefly, once a batch."""
+        with self._lock:
+            while True:
+                while self._flushing or not self._open.waiting:
+                    self._lock.wait()
+                self._lead()
 
     def _flush(self, data: bytes) -> str | None:
         size = os.fstat(self._fd).st_size
         try:
-            _write_all(self._fd, data)
-            os.fdatasync(self._fd)
+            _write_all(self._fd, data)        # durable on return: O_DSYNC
             return None
         except OSError as e:
             with contextlib.suppress(OSError):
@@ -1379,15 +1520,22 @@ class Authority:
         self.records, self.runner = records, runner
         # Per-request constants, worked out once.
         certificate = identity.certificate
-        self._issuer = certificate.subject
+        self._issuer = _subject_der(certificate)     # as the CA certificate encodes it
         self._not_after_limit = certificate.not_valid_after_utc
-        self._hash = signature_hash(identity.key) if identity.key is not None else None
+        if identity.key is not None:
+            try:
+                self._algorithm, self._sign_tbs = certificate_signer(identity.key)
+            except ValueError as e:
+                raise ConfigError(f"{identity.folder}/{KEY_FILE}: {e}") from None
         try:
             ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
             aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
         except x509.ExtensionNotFound:
             aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(certificate.public_key())
         self._aki = x509.Extension(ExtensionOID.AUTHORITY_KEY_IDENTIFIER, False, aki)
+        # The DER of the extensions every certificate carries, by identity (see sign).
+        self._constant_der = {id(extension): _der_extension(extension) for extension in (
+            EXTENSION_LEAF, EXTENSION_EKU, EXTENSION_USAGE, EXTENSION_USAGE_RSA, self._aki)}
         self.ca_pem = identity.pem()
         self.ca_pem_text = self.ca_pem.decode()
         self._backdate = datetime.timedelta(seconds=config.backdate_seconds)
@@ -1413,16 +1561,41 @@ class Authority:
 
     def issue(self, signing: Signing) -> Issued:
         """Check, authorize, draft, presign, sign, record, postsign; audited either way."""
+        return self._issue(signing, None)
+
+    def issue_later(self, signing: Signing, then) -> None:
+        """``issue`` for the built-in hooks (``per_request_hooks`` false) without waiting for
+        the disk: refusals raise here; once the record is durable, the committing thread calls
+        ``then(issued, None)``, or ``then(None, RequestError)`` when it could not be recorded."""
+        self._issue(signing, then)
+
+    @property
+    def per_request_hooks(self) -> bool:
+        """Whether operator code runs for each request (not just ``boot``)."""
+        return bool(self.hooks.custom - {"boot"})
+
+    def _issue(self, signing: Signing, then) -> Issued | None:
         subject = csr_fingerprint = None
         try:
             csr = parse_csr(signing.body)
             csr_fingerprint = hashlib.sha256(signing.body).hexdigest()
             checked = check_csr(csr)
             subject = subject_text(checked.subject)
-            if self.hooks.custom - {"postsign"}:
+            if self.hooks.custom - {"postsign", "boot"}:
                 instance, draft = self._call("authorize/presign", self._prepare, signing, checked)
             else:
                 instance, draft = self._prepare(signing, checked)
+            if then is not None:
+                def recorded(issued, error):
+                    if error is not None:
+                        audit("refused", signing.client_id, subject, None, csr_fingerprint,
+                              error.code, error.message)
+                    else:
+                        audit("issued", signing.client_id, subject, issued.serial,
+                              issued.fingerprint)
+                    then(issued, error)
+                self._sign_and_record(draft, signing.client_id, recorded)
+                return None
             issued = self._sign_and_record(draft, signing.client_id)
         except RequestError as e:
             audit("refused", signing.client_id, subject, None, csr_fingerprint, e.code, e.message)
@@ -1508,21 +1681,36 @@ class Authority:
                      min(now + validity, self._not_after_limit), extensions)
 
     def sign(self, draft: Draft) -> x509.Certificate:
-        """Sign ``draft``; validity is clamped to the CA's own whatever presign did."""
-        not_after = min(draft.not_valid_after, self._not_after_limit)
-        if not_after <= draft.not_valid_before:
-            raise HookError("the draft's not_valid_after is not after its not_valid_before")
+        """Sign ``draft``; validity is clamped to the CA's own whatever presign did.
+
+        The TBSCertificate is encoded here and signed with the key directly: cryptography's
+        CertificateBuilder would do the same work over again for every certificate (the
+        issuer, the algorithm, the constant extensions), at twice the cost of the signature.
+        """
         try:
-            builder = x509.CertificateBuilder(
-                issuer_name=self._issuer, subject_name=draft.subject,
-                public_key=draft.public_key, serial_number=normalize_serial(draft.serial_number),
-                not_valid_before=draft.not_valid_before, not_valid_after=not_after,
-                extensions=list(draft.extensions.values()))
-            return builder.sign(self.identity.key, self._hash)
-        except (TypeError, ValueError) as e:
+            not_before = _aware(draft.not_valid_before)
+            not_after = min(_aware(draft.not_valid_after), self._not_after_limit)
+            if not_after <= not_before:
+                raise HookError("the draft's not_valid_after is not after its not_valid_before")
+            if not isinstance(draft.subject, x509.Name):
+                raise TypeError(f"subject is {type(draft.subject).__name__}, not an x509.Name")
+            constant = self._constant_der
+            extensions = b"".join(constant.get(id(extension)) or _der_extension(extension)
+                                  for extension in draft.extensions.values())
+            tbs = _der_seq(
+                b"\xa0\x03\x02\x01\x02",                       # [0] version: v3
+                _der_int(normalize_serial(draft.serial_number)),
+                self._algorithm, self._issuer,
+                _der_seq(_der_time(not_before), _der_time(not_after)),
+                draft.subject.public_bytes(), spki_der(draft.public_key),
+                _der(0xA3, _der_seq(extensions)) if extensions else b"")
+            return x509.load_der_x509_certificate(_der_seq(
+                tbs, self._algorithm, _der(0x03, b"\0" + self._sign_tbs(tbs))))
+        except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
             raise HookError(f"the draft cannot be signed: {_one_line(e)}") from None
 
-    def _sign_and_record(self, draft: Draft, client_id: str) -> Issued:
+    def _sign_and_record(self, draft: Draft, client_id: str, then=None) -> Issued:
+        """Sign and record; with ``then``, the journal is synced later (see ``issue_later``)."""
         for _ in range(SERIAL_ATTEMPTS):
             try:
                 certificate = self.sign(draft)
@@ -1530,19 +1718,37 @@ class Authority:
                 log.exception("presign left a draft that cannot be signed")
                 raise RequestError(500, "hook_error",
                                    "a hook of this CA failed; its log has the details") from None
-            pem = certificate.public_bytes(serialization.Encoding.PEM)
+            der = certificate.public_bytes(serialization.Encoding.DER)
+            pem = _pem("CERTIFICATE", der)
             serial = serial_hex(certificate.serial_number)
+            issued = Issued(certificate, pem, serial, hashlib.sha256(der).hexdigest())
             try:
-                if self.records is None or self.records.add(serial, pem, client_id):
-                    fingerprint = certificate.fingerprint(hashes.SHA256()).hex()
-                    return Issued(certificate, pem, serial, fingerprint)
+                if self.records is None:
+                    if then is not None:
+                        then(issued, None)
+                    return issued
+                if then is None:
+                    recorded = self.records.add(serial, pem, client_id)
+                else:
+                    recorded = self.records.add_later(
+                        serial, pem, client_id,
+                        lambda error, issued=issued: then(*self._recorded(issued, error)))
+                if recorded:
+                    return issued
             except StoreError as e:
-                log.error("certificate %s not recorded, so not returned: %s", serial, e)
+                self._recorded(issued, e)
                 raise RequestError(503, "store_failed",
                                    "the CA cannot record certificates right now") from None
             log.warning("serial %s is taken; drawing another", serial)
             draft.serial_number = self.hooks.draw_serial()
         raise RequestError(503, "store_failed", "no unused serial number could be drawn")
+
+    @staticmethod
+    def _recorded(issued: Issued, error: StoreError | None) -> tuple:
+        if error is None:
+            return issued, None
+        log.error("certificate %s not recorded, so not returned: %s", issued.serial, error)
+        return None, RequestError(503, "store_failed", "the CA cannot record certificates right now")
 
 
 def audit(outcome: str, client_id, subject, serial, fingerprint, code=None, reason=None) -> None:
@@ -1723,20 +1929,26 @@ class SigningHandler:
     def __init__(self, server: SigningServer):
         self.server = server
 
-    def respond(self, request: Request) -> Response:
+    def respond(self, request: Request, then=None) -> Response | None:
+        """The response; or, with ``then`` and the built-in hooks, None for a signing request
+        whose answer ``then(response)`` gets on the committing thread once it is recorded."""
         try:
-            return self._route(request)
+            return self._route(request, then)
         except RequestError as e:
             return error_response(e)
         except Exception:
-            log.exception("internal error answering %s %s", request.method, request.path[:200])
-            return error_response(RequestError(500, "internal_error",
-                                               "internal error; the CA's log has the details"))
+            return self._internal_error(request)
 
-    def _route(self, request: Request) -> Response:
+    @staticmethod
+    def _internal_error(request: Request) -> Response:
+        log.exception("internal error answering %s %s", request.method, request.path[:200])
+        return error_response(RequestError(500, "internal_error",
+                                           "internal error; the CA's log has the details"))
+
+    def _route(self, request: Request, then) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path.startswith("/api/csr/"):
-            return self._sign(request, path[9:])
+            return self._sign(request, path[9:], then)
         if path == "/api/ca":
             _allow(request, ("GET", "HEAD"))
             return Response(200, self.server.authority.ca_pem,
@@ -1752,7 +1964,7 @@ class SigningHandler:
                 "certificates_issued": authority.records.count if authority.records else 0})
         raise RequestError(404, "not_found", f"no such resource: {path[:100]}")
 
-    def _sign(self, request: Request, client_id: str) -> Response:
+    def _sign(self, request: Request, client_id: str, then) -> Response | None:
         _allow(request, ("PUT", "POST"))
         authority = self.server.authority
         try:
@@ -1770,8 +1982,22 @@ class SigningHandler:
         except RequestError as e:
             audit("refused", client_id[:128], None, None, None, e.code, e.message)
             raise
+        if then is not None and not authority.per_request_hooks:
+            def recorded(issued, error):
+                try:
+                    response = (error_response(error) if error is not None
+                                else self._issued(issued, authority))
+                except Exception:
+                    response = self._internal_error(request)
+                then(response)
+            authority.issue_later(Signing(request.body, client_id, request.peer), recorded)
+            return None
         issued = authority.issue(Signing(request.body, client_id, request.peer,
                                          self._hook_headers(request.headers, authority)))
+        return self._issued(issued, authority)
+
+    @staticmethod
+    def _issued(issued: Issued, authority: Authority) -> Response:
         certificate = issued.certificate
         return json_response(200, {
             "signed_x509_pem": issued.pem.decode(),
@@ -1847,16 +2073,18 @@ class SigningServer:
                  balance: Balance | None = None):
         self.listener = listener
         self.balance = balance
-        self.authority = authority
         self.stopping = False
         self.handler = SigningHandler(self)
         self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix="sapid-worker")
         self._epoll = select.epoll()
         self._connections: dict[int, Connection] = {}
-        self._closing = queue.SimpleQueue()     # connections workers are done with
+        self._closing = queue.SimpleQueue()     # connections pool threads are done with
+        self._reception = None                   # the reception thread's ident
+        self._records = []                       # every Records that this server signed into
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w, listener):
             sock.setblocking(False)
+        self.authority = authority
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
         self._epoll.register(listener.fileno(), LISTEN_EVENTS)
         self._listen_fd, self._wake_fd = listener.fileno(), self._wake_r.fileno()
@@ -1878,6 +2106,7 @@ class SigningServer:
     def serve(self, tick) -> None:
         """Serve until stopped and every request in flight has its answer; ``tick`` runs each turn."""
         connections = self._connections
+        self._reception = threading.get_ident()
         while not (self.stopping and not connections):
             wait = 0.25
             if self._accept_paused_until:
@@ -1893,6 +2122,7 @@ class SigningServer:
                     else:
                         self._receive(conn)
             self._take_closing()
+            self._run_completed()
             now = time.monotonic()
             if self._accept_paused_until and now >= self._accept_paused_until:
                 self._accept_paused_until = 0.0
@@ -1981,7 +2211,7 @@ class SigningServer:
             conn.deadline = time.monotonic() + self.authority.config.request_timeout
         conn.buffer += data
         if (request := self._advance(conn)) is not None:
-            self._pool.submit(self._answer, conn, request)
+            self._handle(conn, request)
         else:
             self._rearm(conn)
 
@@ -2070,6 +2300,24 @@ class SigningServer:
                 self._epoll.unregister(conn.fd)
         conn.sock.close()
 
+    @property
+    def authority(self) -> Authority:
+        return self._authority
+
+    @authority.setter
+    def authority(self, authority: Authority) -> None:
+        """Serve with ``authority`` from now on (at start and on each reload)."""
+        records = authority.records
+        if records is not None and records not in self._records:
+            records.wake = self.wake
+            self._records.append(records)    # a reload may change it: the old one may still
+        self._authority = authority          # hold signings in flight
+
+    def _run_completed(self) -> None:
+        """Answer the signings whose records the committing thread has made durable."""
+        for records in self._records:
+            records.run_completed()
+
     def _take_closing(self) -> None:
         while True:
             try:
@@ -2078,39 +2326,68 @@ class SigningServer:
                 return
             self._close(conn)
 
-    # The workers ------------------------------------------------------------------------------
+    # Answering ----------------------------------------------------------------------------------
 
-    def _answer(self, conn: Connection, request: Request) -> None:
-        """Answer ``request`` and any whole requests pipelined behind it.  A worker never waits
-        for a client: what the socket does not take at once, the reception thread sends."""
+    def _handle(self, conn: Connection, request: Request) -> None:
+        """Answer on the reception thread what runs no operator code: there a signing costs no
+        thread hand-off, and its reply leaves from the committing thread once it is recorded.
+        Requests for hooks go to the pool, where a slow hook holds one thread, not everyone."""
         while request is not None:
-            response = self.handler.respond(request)
-            keep = request.keep_alive and not self.stopping
-            data = encode_response(response, request.method == "HEAD", not keep, request.version)
-            try:
-                sent = conn.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                data, sent, keep = b"", 0, False
-            conn.deadline = time.monotonic() + self.authority.config.request_timeout
-            if sent < len(data):
-                conn.outbox, conn.keep, conn.busy = memoryview(data)[sent:], keep, False
-                self._rearm(conn, ONE_SHOT_OUT)
+            if self.authority.per_request_hooks and request.path.startswith("/api/csr/"):
+                self._pool.submit(self._answer, conn, request)
                 return
-            if not keep:
-                self._release(conn)
+            response = self.handler.respond(request, functools.partial(self._answer_later, conn,
+                                                                       request))
+            if response is None or not self._deliver(conn, request, response):
                 return
-            conn.started = bool(conn.buffer)
             request = self._advance(conn) if conn.buffer else None
         conn.busy = False
         self._rearm(conn)
 
-    def _release(self, conn: Connection) -> None:
-        """Hand a connection to the reception thread for closing."""
+    def _answer(self, conn: Connection, request: Request) -> None:
+        """A pool thread: answer ``request`` and any whole requests pipelined behind it."""
+        while request is not None:
+            if not self._deliver(conn, request, self.handler.respond(request)):
+                return
+            request = self._advance(conn) if conn.buffer else None
         conn.busy = False
-        self._closing.put(conn)
-        self.wake()
+        self._rearm(conn)
+
+    def _answer_later(self, conn: Connection, request: Request, response: Response) -> None:
+        """The answer of a signing whose record is now durable (reception thread)."""
+        if self._deliver(conn, request, response):
+            self._handle(conn, self._advance(conn) if conn.buffer else None)
+
+    def _deliver(self, conn: Connection, request: Request, response: Response) -> bool:
+        """Send ``response``; True when the connection is ready for its next request.  Nobody
+        waits for a client here: what the socket does not take, the reception thread sends."""
+        keep = request.keep_alive and not self.stopping
+        data = encode_response(response, request.method == "HEAD", not keep, request.version)
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            data, sent, keep = b"", 0, False
+        conn.deadline = time.monotonic() + self.authority.config.request_timeout
+        if sent < len(data):
+            conn.outbox, conn.keep, conn.busy = memoryview(data)[sent:], keep, False
+            self._rearm(conn, ONE_SHOT_OUT)
+            return False
+        if not keep:
+            self._release(conn)
+            return False
+        conn.started = bool(conn.buffer)
+        return True
+
+    def _release(self, conn: Connection) -> None:
+        """Close a connection: on the reception thread, which owns the table of connections."""
+        conn.busy = False
+        if threading.get_ident() == self._reception:
+            self._close(conn)
+        else:
+            self._closing.put(conn)
+            self.wake()
 
     def _send(self, conn: Connection) -> None:
         """More of an answer to a client that reads slowly (reception thread)."""
@@ -2131,7 +2408,7 @@ class SigningServer:
             conn.started = bool(conn.buffer)
             conn.deadline = time.monotonic() + self.authority.config.request_timeout
             if conn.buffer and (request := self._advance(conn)) is not None:
-                self._pool.submit(self._answer, conn, request)
+                self._handle(conn, request)
             else:
                 self._rearm(conn)
 
