@@ -55,7 +55,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -404,10 +404,10 @@ def encrypt_private_key(key, passphrase: str) -> bytes:
 
 
 def _pem(label: str, der: bytes) -> bytes:
-    body = base64.encodebytes(der).replace(b"\n", b"")
-    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
-    return b"".join([f"-----BEGIN {label}-----\n".encode(), *(l + b"\n" for l in lines),
-                     f"-----END {label}-----\n".encode()])
+    body = base64.b64encode(der)
+    lines = b"\n".join([body[i:i + 64] for i in range(0, len(body), 64)])
+    return b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label.encode(), lines,
+                                                             label.encode())
 
 
 def key_protection(pem: bytes) -> str | None:
@@ -462,7 +462,8 @@ def serial_hex(serial: int) -> str:
 
 
 def iso_time(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    m = moment.astimezone(datetime.timezone.utc)
+    return f"{m.year:04}-{m.month:02}-{m.day:02}T{m.hour:02}:{m.minute:02}:{m.second:02}Z"
 
 
 def signature_hash(key):
@@ -513,9 +514,11 @@ def _der_time(moment: datetime.datetime) -> bytes:
     """UTCTime through 2049, GeneralizedTime from 2050 (RFC 5280 4.1.2.5); whole seconds."""
     if moment < EARLIEST_TIME:
         raise ValueError(f"{moment} is before 1950")
-    if moment.year < 2050:
-        return _der(0x17, moment.strftime("%y%m%d%H%M%SZ").encode())
-    return _der(0x18, moment.strftime("%Y%m%d%H%M%SZ").encode())
+    m = moment
+    text = f"{m.month:02}{m.day:02}{m.hour:02}{m.minute:02}{m.second:02}Z"
+    if m.year < 2050:
+        return b"\x17\x0d%02d%s" % (m.year % 100, text.encode())
+    return b"\x18\x0f%04d%s" % (m.year, text.encode())
 
 
 @functools.lru_cache(maxsize=256)
@@ -632,6 +635,38 @@ class CheckedCSR:
     spki: bytes
 
 
+EDDSA_SIGNATURES = {ed25519.Ed25519PublicKey: x509.SignatureAlgorithmOID.ED25519,
+                    ed448.Ed448PublicKey: x509.SignatureAlgorithmOID.ED448}
+
+
+def _signed_by(csr: x509.CertificateSigningRequest, public_key) -> bool:
+    """``csr.is_signature_valid`` with the key already loaded (that property loads it again),
+    the signature algorithm the CSR names being one for that key."""
+    parameters, data, signature = (csr.signature_algorithm_parameters,
+                                   csr.tbs_certrequest_bytes, csr.signature)
+    try:
+        if isinstance(public_key, rsa.RSAPublicKey):
+            if not isinstance(parameters, (asym_padding.PKCS1v15, asym_padding.PSS)):
+                return False
+            public_key.verify(signature, data, parameters, csr.signature_hash_algorithm)
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            if not isinstance(parameters, ec.ECDSA):
+                return False
+            public_key.verify(signature, data, parameters)
+        else:
+            for kind, oid in EDDSA_SIGNATURES.items():
+                if isinstance(public_key, kind):
+                    if csr.signature_algorithm_oid != oid:
+                        return False
+                    public_key.verify(signature, data)
+                    break
+            else:
+                return False
+    except InvalidSignature:
+        return False
+    return True
+
+
 def check_csr(csr: x509.CertificateSigningRequest) -> CheckedCSR:
     """Proof of possession, signature hash, key and name policy; RequestError otherwise."""
     try:
@@ -657,8 +692,8 @@ def check_csr(csr: x509.CertificateSigningRequest) -> CheckedCSR:
     if sum(oid in EXTENSION_REQUEST_OIDS for oid in attribute_oids) > 1:
         raise RequestError(400, "not_a_csr", "CSR has more than one extensionRequest attribute")
     try:
-        valid = csr.is_signature_valid
-    except (ValueError, UnsupportedAlgorithm) as e:
+        valid = _signed_by(csr, public_key)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise RequestError(400, "bad_csr_signature", f"CSR signature: {_one_line(e)}") from None
     if not valid:
         raise RequestError(400, "bad_csr_signature",
@@ -1323,10 +1358,10 @@ class Records:
         return True
 
     def add_later(self, serial: str, pem: bytes, client_id: str, then) -> bool:
-        """Like ``add``, without waiting for the disk: the index file is written now, and this
-        process's committing thread appends the journal record and calls ``wake``; then
-        ``run_completed`` calls ``then(None)``, or ``then(StoreError)`` after removing the
-        index file, on the thread that calls it."""
+        """Like ``add``, without waiting for the disk: the index file is written now; after
+        ``commit``, this process's committing thread appends the journal record and calls
+        ``wake``; then ``run_completed`` calls ``then(None)``, or ``then(StoreError)`` after
+        removing the index file, on the thread that calls it."""
         if not self._write_index(serial, pem):
             return False
         record = self._record(serial, pem, client_id)
@@ -1338,9 +1373,15 @@ class Records:
             batch = self._open
             batch.records.append(record)
             batch.waiting.append((serial, then))
-            if len(batch.waiting) == 1 and not self._flushing:
-                self._lock.notify_all()
         return True
+
+    def commit(self) -> None:
+        """Have the records ``add_later`` took written, unless a write is under way (the
+        committing thread takes them next).  Called once per turn of the reception loop, so
+        that the requests read in one turn share a write and a wake-up."""
+        with self._lock:
+            if self._open.waiting and not self._flushing:
+                self._lock.notify_all()
 
     def run_completed(self) -> None:
         """Call back for the records ``add_later`` took that are now durable (or failed)."""
@@ -1681,7 +1722,11 @@ class Authority:
                      min(now + validity, self._not_after_limit), extensions)
 
     def sign(self, draft: Draft) -> x509.Certificate:
-        """Sign ``draft``; validity is clamped to the CA's own whatever presign did.
+        """Sign ``draft``; validity is clamped to the CA's own whatever presign did."""
+        return x509.load_der_x509_certificate(self.sign_der(draft))
+
+    def sign_der(self, draft: Draft) -> bytes:
+        """``sign``, the certificate in DER.
 
         The TBSCertificate is encoded here and signed with the key directly: cryptography's
         CertificateBuilder would do the same work over again for every certificate (the
@@ -1704,8 +1749,7 @@ class Authority:
                 _der_seq(_der_time(not_before), _der_time(not_after)),
                 draft.subject.public_bytes(), spki_der(draft.public_key),
                 _der(0xA3, _der_seq(extensions)) if extensions else b"")
-            return x509.load_der_x509_certificate(_der_seq(
-                tbs, self._algorithm, _der(0x03, b"\0" + self._sign_tbs(tbs))))
+            return _der_seq(tbs, self._algorithm, _der(0x03, b"\0" + self._sign_tbs(tbs)))
         except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
             raise HookError(f"the draft cannot be signed: {_one_line(e)}") from None
 
@@ -1713,12 +1757,12 @@ class Authority:
         """Sign and record; with ``then``, the journal is synced later (see ``issue_later``)."""
         for _ in range(SERIAL_ATTEMPTS):
             try:
-                certificate = self.sign(draft)
+                der = self.sign_der(draft)
             except HookError:
                 log.exception("presign left a draft that cannot be signed")
                 raise RequestError(500, "hook_error",
                                    "a hook of this CA failed; its log has the details") from None
-            der = certificate.public_bytes(serialization.Encoding.DER)
+            certificate = x509.load_der_x509_certificate(der)
             pem = _pem("CERTIFICATE", der)
             serial = serial_hex(certificate.serial_number)
             issued = Issued(certificate, pem, serial, hashlib.sha256(der).hexdigest())
@@ -2314,8 +2358,9 @@ class SigningServer:
         self._authority = authority          # hold signings in flight
 
     def _run_completed(self) -> None:
-        """Answer the signings whose records the committing thread has made durable."""
+        """Have this turn's signings recorded; answer those whose records are durable."""
         for records in self._records:
+            records.commit()
             records.run_completed()
 
     def _take_closing(self) -> None:

@@ -23,6 +23,10 @@ otherwise the HTTP status and the error code of the JSON answer.
 | signature-bit-flipped.der | 400 bad_csr_signature | RSA-2048 request, one bit of the signature flipped |
 | signature-other-key.der | 400 bad_csr_signature | RSA-2048 key in the request, signed by another RSA-2048 key |
 | signature-unknown-algorithm.der | 400 bad_csr_signature | signatureAlgorithm OID 1.3.6.1.4.1.99999.7 |
+| sig-ed25519-named-ecdsa.der | 400 bad_csr_signature | Ed25519 key and a valid Ed25519 signature, but signatureAlgorithm says ecdsa-with-SHA256 |
+| sig-ed25519-named-ed448.der | 400 bad_csr_signature | Ed25519 key and signature; signatureAlgorithm says Ed448 |
+| sig-rsa-named-ecdsa.der | 400 bad_csr_signature | RSA-2048 key, PKCS#1 v1.5 signature; signatureAlgorithm says ecdsa-with-SHA256 |
+| sig-ecdsa-named-rsa.der | 400 bad_csr_signature | P-256 key, ECDSA signature; signatureAlgorithm says sha256WithRSAEncryption (random nonce) |
 | key-dsa.pem | 400 key_refused | DSA-2048 key, dsa_with_SHA256 (openssl req; random) |
 | key-rsa512.der | 400 key_refused | RSA-512 key |
 | key-rsa1024.der | 400 key_refused | RSA-1024 key |
@@ -342,6 +346,16 @@ def build(work: Path) -> dict[str, bytes]:
     info = request_info(device, spki_of(ed), (device_san,))
     files["signature-unknown-algorithm.der"] = seq(info, seq(oid("1.3.6.1.4.1.99999.7")),
                                                    bits(ed.sign(info)))
+
+    # A valid signature under another algorithm's name.
+    files["sig-ed25519-named-ecdsa.der"] = sign(info, ed, algorithm=ALGORITHMS["ec", "sha256"])
+    files["sig-ed25519-named-ed448.der"] = sign(info, ed, algorithm=ALGORITHMS["ed448", None])
+    info_rsa = request_info(device, spki_of(rsa_a), (device_san,))
+    files["sig-rsa-named-ecdsa.der"] = sign(info_rsa, rsa_a, algorithm=ALGORITHMS["ec", "sha256"])
+    p256_named = ec_key("p256", ec.SECP256R1())
+    files["sig-ecdsa-named-rsa.der"] = sign(
+        request_info(device, spki_of(p256_named), (device_san,)), p256_named,
+        algorithm=ALGORITHMS["rsa", "sha256"])
 
     # Keys
     for size in (512, 1024):
