@@ -1182,6 +1182,10 @@ class Identity:
                     # parser then fails on the noise instead of the decryption.
                     message = f"wrong passphrase (or a damaged key file: {message})"
                 raise ConfigError(f"{key_path}: cannot load the CA key: {message}") from None
+            try:
+                certificate_signer(key)
+            except ValueError as e:
+                raise ConfigError(f"{key_path}: {e}") from None
             if spki_der(key.public_key()) != spki_der(certificate.public_key()):
                 raise ConfigError(f"{key_path}: the key does not match {cert_path}")
             if weakness := key_protection(pem):
@@ -1452,10 +1456,10 @@ class Records:
         try:
             _write_all(self._fd, data)        # durable on return: O_DSYNC
             return None
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 -- any failure is store_failed, never a hang
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, size)   # no torn record behind a failed write
-            return e.strerror or str(e)
+            return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -1563,11 +1567,8 @@ class Authority:
         certificate = identity.certificate
         self._issuer = _subject_der(certificate)     # as the CA certificate encodes it
         self._not_after_limit = certificate.not_valid_after_utc
-        if identity.key is not None:
-            try:
-                self._algorithm, self._sign_tbs = certificate_signer(identity.key)
-            except ValueError as e:
-                raise ConfigError(f"{identity.folder}/{KEY_FILE}: {e}") from None
+        if identity.key is not None:      # of a type Identity.load has checked
+            self._algorithm, self._sign_tbs = certificate_signer(identity.key)
         try:
             ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
             aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)

@@ -72,6 +72,17 @@ def write_key(path, kind):
     elif kind == "p256-pkcs8":
         openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
                 "-aes-256-cbc", "-pass", "env:CA_PASSPHRASE", "-out", path)
+    elif kind in ("p521-pkcs8", "ed448-pkcs8", "dsa-pkcs8"):
+        algorithm = {"p521-pkcs8": ["EC", "-pkeyopt", "ec_paramgen_curve:P-521"],
+                     "ed448-pkcs8": ["ed448"],
+                     "dsa-pkcs8": ["DSA", "-pkeyopt", "dsa_paramgen_bits:2048"]}[kind]
+        if kind == "dsa-pkcs8":
+            openssl("genpkey", "-genparam", "-algorithm", *algorithm, "-out", plain)
+            openssl("genpkey", "-paramfile", plain, "-aes-256-cbc", "-pass", "env:CA_PASSPHRASE",
+                    "-out", path)
+        else:
+            openssl("genpkey", "-algorithm", *algorithm, "-aes-256-cbc", "-pass",
+                    "env:CA_PASSPHRASE", "-out", path)
     elif kind == "rsa2048-traditional":
         openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", plain)
         openssl("rsa", "-in", plain, "-aes256", "-traditional", *PASS_OUT, "-out", path)
@@ -187,6 +198,9 @@ ADOPTED = {
     "rsa2048-traditional": ("rsa2048-traditional", "ca.cert.pem", "legacy key derivation"),
     "p256-traditional": ("p256-traditional", "ca.cert.pem", "legacy key derivation"),
     "ed25519-pkcs8": ("ed25519-pkcs8", "ca.cert.pem", "2,048 PBKDF2 iterations"),
+    # Key types `sapid init` does not make: signed with SHA-512 and with Ed448.
+    "p521-pkcs8": ("p521-pkcs8", "ca.cert.pem", "2,048 PBKDF2 iterations"),
+    "ed448-pkcs8": ("ed448-pkcs8", "ca.cert.pem", "2,048 PBKDF2 iterations"),
     "ssl_api-ca.crt.pem": ("p256-pkcs8", "ca.crt.pem", "2,048 PBKDF2 iterations"),
 }
 
@@ -214,6 +228,14 @@ def test_adopts_operator_made_ca(daemon_factory, identities, tmp_path, case):
     issued = x509.load_pem_x509_certificate(leaf.read_bytes())
     ca = x509.load_pem_x509_certificate(cert_file.read_bytes())
     assert issued.issuer == ca.subject
+    assert issued.signature_algorithm_oid == SIGNED_WITH[kind.split("-")[0]]
+
+
+SIGNED_WITH = {"rsa2048": x509.SignatureAlgorithmOID.RSA_WITH_SHA256,
+               "p256": x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256,
+               "p521": x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512,
+               "ed25519": x509.SignatureAlgorithmOID.ED25519,
+               "ed448": x509.SignatureAlgorithmOID.ED448}
 
 
 REWRAPPED = {
@@ -326,6 +348,8 @@ REFUSED = {
     "key 0644": (with_key_mode(0o644), ["0644", "chmod 0640"]),
     "key 0660": (with_key_mode(0o660), ["0660", "chmod 0640"]),
     "unencrypted key": (unencrypted, ["not encrypted", "openssl pkcs8"]),
+    "DSA key": (lambda p: operator_ca(p / "identity", "dsa-pkcs8"),
+                ["DSA key cannot sign certificates", "RSA, EC, Ed25519 or Ed448"]),
 }
 
 
