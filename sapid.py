@@ -2086,8 +2086,15 @@ class Connection:
 
 
 ONE_SHOT = select.EPOLLIN | select.EPOLLONESHOT
+# Events the reception thread takes per turn of its loop.  A turn's signings share one journal
+# write and are answered after it, so a long turn delays every answer in it; the events left
+# wait in the kernel's ready list, in order, for the next turn.
+TURN_EVENTS = 16
 ONE_SHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
 LISTEN_EVENTS = select.EPOLLIN
+
+
+BALANCE_SLACK = 8
 
 
 class Balance:
@@ -2102,7 +2109,10 @@ class Balance:
         struct.pack_into("Q", self.memory, 8 * self.slot, count)
 
     def fair(self, count: int) -> bool:
-        return count <= min(struct.unpack_from(f"{self.workers}Q", self.memory))
+        """Whether a worker with ``count`` connections may take one more.  The slack lets a
+        worker that is free take several while another is busy signing (it accepts only
+        between turns), instead of leaving new clients waiting for it."""
+        return count < min(struct.unpack_from(f"{self.workers}Q", self.memory)) + BALANCE_SLACK
 
 
 class SigningServer:
@@ -2156,7 +2166,7 @@ class SigningServer:
             wait = 0.25
             if self._accept_paused_until:
                 wait = min(wait, max(0.0, self._accept_paused_until - time.monotonic()))
-            for fd, _ in self._epoll.poll(wait):
+            for fd, _ in self._epoll.poll(wait, TURN_EVENTS):
                 if fd == self._listen_fd:
                     self._accept()
                 elif fd == self._wake_fd:
@@ -2203,12 +2213,12 @@ class SigningServer:
 
     def _accept(self) -> None:
         now = time.monotonic()
-        if self.balance is not None and not self.balance.fair(len(self._connections)):
-            # Another worker has fewer connections: let it take this one.
-            self._epoll.unregister(self._listen_fd)
-            self._accept_paused_until = now + 0.002
-            return
-        for _ in range(64 if self.balance is None else 1):
+        for _ in range(64):
+            if self.balance is not None and not self.balance.fair(len(self._connections)):
+                # Another worker has fewer connections: let it take the next ones.
+                self._epoll.unregister(self._listen_fd)
+                self._accept_paused_until = now + 0.002
+                return
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
