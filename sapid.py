@@ -2094,7 +2094,7 @@ ONE_SHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
 LISTEN_EVENTS = select.EPOLLIN
 
 
-BALANCE_SLACK = 8
+BALANCE_SLACK = 16
 
 
 class Balance:
@@ -2109,10 +2109,12 @@ class Balance:
         struct.pack_into("Q", self.memory, 8 * self.slot, count)
 
     def fair(self, count: int) -> bool:
-        """Whether a worker with ``count`` connections may take one more.  The slack lets a
-        worker that is free take several while another is busy signing (it accepts only
-        between turns), instead of leaving new clients waiting for it."""
-        return count < min(struct.unpack_from(f"{self.workers}Q", self.memory)) + BALANCE_SLACK
+        """Whether a worker with ``count`` connections may take one more: not more than the
+        fewest plus one and a sixteenth of them all.  That slack lets a worker that is free
+        take several while another is busy signing (it accepts only between turns), instead
+        of leaving new clients waiting for it; a few clients still spread about evenly."""
+        counts = struct.unpack_from(f"{self.workers}Q", self.memory)
+        return count <= min(counts) + 1 + sum(counts) // BALANCE_SLACK
 
 
 class SigningServer:
