@@ -1420,11 +1420,12 @@ class Records:
         if batch.error is not None:
             raise StoreError(f"{self.journal}: {batch.error}")
 
-    def _lead(self) -> _Batch:
+    def _lead(self) -> None:
         """Write and sync the open batch; called and returns with the lock held, which is
         released meanwhile so that the next batch can gather."""
         batch, self._open, self._flushing = self._open, _Batch(), True
         self._lock.release()
+        error = "not written"
         try:
             error = self._flush(b"".join(batch.records))
         finally:
@@ -1440,7 +1441,6 @@ class Records:
                 self._completed.append((batch.waiting, None if error is None else
                                         StoreError(f"{self.journal}: {error}")))
                 self.wake()
-        return batch
 
     def _commit_loop(self) -> None:
         """The committing thread: write what ``add_later`` left, batch after batch.  It runs
@@ -1452,13 +1452,15 @@ class Records:
                 self._lead()
 
     def _flush(self, data: bytes) -> str | None:
-        size = os.fstat(self._fd).st_size
+        size = None
         try:
+            size = os.fstat(self._fd).st_size
             _write_all(self._fd, data)        # durable on return: O_DSYNC
             return None
         except Exception as e:  # noqa: BLE001 -- any failure is store_failed, never a hang
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, size)   # no torn record behind a failed write
+            if size is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, size)   # no torn record behind a failed write
             return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
     def close(self) -> None:
@@ -1607,8 +1609,8 @@ class Authority:
 
     def issue_later(self, signing: Signing, then) -> None:
         """``issue`` for the built-in hooks (``per_request_hooks`` false) without waiting for
-        the disk: refusals raise here; once the record is durable, the committing thread calls
-        ``then(issued, None)``, or ``then(None, RequestError)`` when it could not be recorded."""
+        the disk: refusals raise here; once the record is durable, ``Records.run_completed``
+        calls ``then(issued, None)``, or ``then(None, RequestError)`` if it was not recorded."""
         self._issue(signing, then)
 
     @property
@@ -1976,7 +1978,7 @@ class SigningHandler:
 
     def respond(self, request: Request, then=None) -> Response | None:
         """The response; or, with ``then`` and the built-in hooks, None for a signing request
-        whose answer ``then(response)`` gets on the committing thread once it is recorded."""
+        whose answer ``then(response)`` gets once it is recorded (see ``Records.add_later``)."""
         try:
             return self._route(request, then)
         except RequestError as e:
@@ -2183,7 +2185,8 @@ class SigningServer:
             now = time.monotonic()
             if self._accept_paused_until and now >= self._accept_paused_until:
                 self._accept_paused_until = 0.0
-                self._epoll.register(self._listen_fd, LISTEN_EVENTS)
+                if not self.stopping:        # stop closed the listener meanwhile
+                    self._epoll.register(self._listen_fd, LISTEN_EVENTS)
             self._expire(now)
             tick()
         self._pool.shutdown(wait=True)
@@ -2371,10 +2374,12 @@ class SigningServer:
         self._authority = authority          # hold signings in flight
 
     def _run_completed(self) -> None:
-        """Have this turn's signings recorded; answer those whose records are durable."""
+        """Answer the signings whose records are durable, then have this turn's recorded:
+        answering can read a pipelined request whose signing must join this turn's write."""
+        for records in self._records:
+            records.run_completed()
         for records in self._records:
             records.commit()
-            records.run_completed()
 
     def _take_closing(self) -> None:
         while True:
@@ -2388,7 +2393,7 @@ class SigningServer:
 
     def _handle(self, conn: Connection, request: Request) -> None:
         """Answer on the reception thread what runs no operator code: there a signing costs no
-        thread hand-off, and its reply leaves from the committing thread once it is recorded.
+        thread hand-off, and its reply leaves from this thread too once it is recorded.
         Requests for hooks go to the pool, where a slow hook holds one thread, not everyone."""
         while request is not None:
             if self.authority.per_request_hooks and request.path.startswith("/api/csr/"):
@@ -2413,8 +2418,12 @@ class SigningServer:
 
     def _answer_later(self, conn: Connection, request: Request, response: Response) -> None:
         """The answer of a signing whose record is now durable (reception thread)."""
-        if self._deliver(conn, request, response):
-            self._handle(conn, self._advance(conn) if conn.buffer else None)
+        try:
+            if self._deliver(conn, request, response):
+                self._handle(conn, self._advance(conn) if conn.buffer else None)
+        except Exception:
+            log.exception("internal error answering %s %s", request.method, request.path[:200])
+            self._close(conn)          # never a connection left waiting for nothing
 
     def _deliver(self, conn: Connection, request: Request, response: Response) -> bool:
         """Send ``response``; True when the connection is ready for its next request.  Nobody

@@ -253,6 +253,19 @@ def test_keep_alive_and_pipelining(daemon, tmp_path):
     assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer
 
 
+def test_pipelined_signings_do_not_wait_for_the_idle_tick(daemon, tmp_path):
+    """Each answer reads the next pipelined request; its signing must join the next write at
+    once, not after the reception loop's idle wait (0.25 s each, 10 s for these 40)."""
+    import time
+    csr = make_csr(tmp_path).read_bytes()
+    one = b"PUT /api/csr/abc HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(csr), csr)
+    last = b"GET /api/health HTTP/1.1\r\nConnection: close\r\n\r\n"
+    started = time.monotonic()
+    answer = daemon.raw(one * 40 + last, timeout=30)
+    assert answer.count(b"signed_x509_pem") == 40
+    assert time.monotonic() - started < 5
+
+
 def test_expect_continue(daemon, tmp_path):
     csr = make_csr(tmp_path, "rsa2048").read_bytes()
     status, reply, _ = daemon.curl("/api/csr/abc", "PUT", csr, {"Expect": "100-continue"})
