@@ -67,17 +67,20 @@ def proc_tree(pid: int) -> list[int]:
 
 
 def proc_status(pid: int) -> dict:
-    """VmRSS, VmHWM, ... of /proc/<pid>/status, in KiB, added up over its process tree."""
+    """VmRSS, VmHWM, ... of /proc/<pid>/status and Pss of its smaps_rollup, in KiB, added up
+    over its process tree.  Pss shares each page among the processes that map it, so forked
+    workers' sum counts their common memory once, where the sum of VmRSS counts it each time."""
     figures = {}
     for member in proc_tree(pid):
-        try:
-            with open(f"/proc/{member}/status") as file:
-                for line in file:
-                    name, _, value = line.partition(":")
-                    if name.startswith("Vm") and value.strip().endswith("kB"):
-                        figures[name] = figures.get(name, 0) + int(value.split()[0])
-        except OSError:
-            pass
+        for source, wanted in (("status", "Vm"), ("smaps_rollup", "Pss")):
+            try:
+                with open(f"/proc/{member}/{source}") as file:
+                    for line in file:
+                        name, _, value = line.partition(":")
+                        if name.startswith(wanted) and value.strip().endswith("kB"):
+                            figures[name] = figures.get(name, 0) + int(value.split()[0])
+            except OSError:
+                pass
     return figures
 
 
@@ -117,7 +120,7 @@ class Server:
     name = "?"
     process: subprocess.Popen | None = None
     ready_seconds = float("nan")
-    idle_rss_kib = 0
+    idle_rss_kib = idle_pss_kib = 0
 
     def __init__(self, folder: Path, key: str):
         self.folder, self.key = folder, key
@@ -213,7 +216,8 @@ class Sapid(Server):
         finally:
             notify.close()
             log.close()
-        self.idle_rss_kib = self.status()["VmRSS"]
+        figures = self.status()
+        self.idle_rss_kib, self.idle_pss_kib = figures["VmRSS"], figures.get("Pss", 0)
 
     def target(self) -> loadgen.Target:
         return loadgen.SapidTarget(str(self.socket))
@@ -536,9 +540,9 @@ def summary_table(keys: list, cells: list, servers: dict, speeds: dict) -> str:
         "### Processes",
         "",
         ("| key | sapid start to READY=1 (s) | sapid idle RSS (MiB) | sapid peak RSS (MiB) | "
-         "cfssl start to listening (s) | cfssl peak RSS (MiB) | openssl speed (sign/s, 1 core) "
+         "sapid idle PSS (MiB) | cfssl start to listening (s) | cfssl peak RSS (MiB) | openssl speed (sign/s, 1 core) "
          "| load gen CPU (µs/req, median) |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key in keys:
         found = servers.get(key, {})
@@ -550,6 +554,7 @@ def summary_table(keys: list, cells: list, servers: dict, speeds: dict) -> str:
             f"{number(sapid['ready'], 2) if sapid else '—'} | "
             f"{number(sapid['idle'] / 1024) if sapid else '—'} | "
             f"{number(sapid['peak'] / 1024) if sapid else '—'} | "
+            f"{number(sapid['pss'] / 1024) if sapid else '—'} | "
             f"{number(cfssl['ready'], 3) if cfssl else '—'} | "
             f"{number(cfssl['peak'] / 1024) if cfssl else '—'} | "
             f"{number(speeds[key], 0) if key in speeds else '—'} | "
@@ -646,7 +651,8 @@ def main(argv=None) -> int:
                     running.append(sapid)
                     sapid.start()
                     say(f"  sapid pid {sapid.pid} READY=1 after {sapid.ready_seconds:.2f} s, "
-                        f"RSS {sapid.idle_rss_kib / 1024:.1f} MiB")
+                        f"RSS {sapid.idle_rss_kib / 1024:.1f} MiB, "
+                        f"PSS {sapid.idle_pss_kib / 1024:.1f} MiB")
                     present.append(sapid)
             if "cfssl" in args.servers and key in CFSSL_KEYS:
                 cfssl = Cfssl(work / key / "cfssl", key)
@@ -685,6 +691,7 @@ def main(argv=None) -> int:
                 figures = server.status() if server.alive() else {}
                 servers.setdefault(key, {})[server.name] = {
                     "ready": server.ready_seconds, "idle": server.idle_rss_kib,
+                    "pss": server.idle_pss_kib,
                     "peak": figures.get("VmHWM", float("nan"))}
                 code = server.stop()
                 running.remove(server)

@@ -17,7 +17,7 @@ def test_smoke_run_signs_and_verifies_every_request():
     assert ("| server | concurrency | requests/s | p50 (ms) | p99 (ms) | errors |" in out), out
     assert "| sapid/cfssl | sapid/ceiling |" in out, out
     assert "| sapid | 1 |" in out and "| sapid | 8 |" in out, out
-    assert "sapid idle RSS (MiB) | sapid peak RSS (MiB)" in out, out
+    assert "sapid idle RSS (MiB) | sapid peak RSS (MiB) | sapid idle PSS (MiB)" in out, out
     assert "Failures:" not in out, out
     assert "verified 150/150" in done.stderr, done.stderr
 
