@@ -2374,11 +2374,12 @@ class SigningServer:
         self._authority = authority          # hold signings in flight
 
     def _run_completed(self) -> None:
-        """Answer the signings whose records are durable, then have this turn's recorded:
-        answering can read a pipelined request whose signing must join this turn's write."""
+        """Have this turn's signings written, answer those whose records are durable, and
+        have written too what those answers read and signed (pipelined requests): the disk
+        works while the answers go out, and no signing waits for the next turn."""
         for records in self._records:
+            records.commit()
             records.run_completed()
-        for records in self._records:
             records.commit()
 
     def _take_closing(self) -> None:
