@@ -427,6 +427,20 @@ def ceiling(key: str, ca_key, ca_certificate, pool: loadgen.CsrPool, threads: in
     return cell
 
 
+def file_creation_us(folder: Path, count: int = 300) -> float:
+    """CPU microseconds to create one small file in ``folder``, as sapid's index files are.
+    Kept, not deleted: deleting many files makes the next creations dearer on some
+    filesystems (bench/README.md, "Where the time goes")."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = b"x" * 1000
+    started = time.process_time()
+    for _ in range(count):
+        fd = os.open(folder / secrets.token_hex(16), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, data)
+        os.close(fd)
+    return (time.process_time() - started) * 1e6 / count
+
+
 def openssl_speed(key: str, seconds: int = 3) -> float:
     """Sign operations per second of ``openssl speed`` on one core; nan if it fails."""
     try:
@@ -535,14 +549,15 @@ def key_table(key: str, cells: list) -> str:
     return "\n".join(lines)
 
 
-def summary_table(keys: list, cells: list, servers: dict, speeds: dict) -> str:
+def summary_table(keys: list, cells: list, servers: dict, speeds: dict,
+                  creation: dict) -> str:
     lines = [
         "### Processes",
         "",
         ("| key | sapid start to READY=1 (s) | sapid idle RSS (MiB) | sapid peak RSS (MiB) | "
-         "sapid idle PSS (MiB) | cfssl start to listening (s) | cfssl peak RSS (MiB) | openssl speed (sign/s, 1 core) "
+         "sapid idle PSS (MiB) | file creation (µs) | cfssl start to listening (s) | cfssl peak RSS (MiB) | openssl speed (sign/s, 1 core) "
          "| load gen CPU (µs/req, median) |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key in keys:
         found = servers.get(key, {})
@@ -555,6 +570,7 @@ def summary_table(keys: list, cells: list, servers: dict, speeds: dict) -> str:
             f"{number(sapid['idle'] / 1024) if sapid else '—'} | "
             f"{number(sapid['peak'] / 1024) if sapid else '—'} | "
             f"{number(sapid['pss'] / 1024) if sapid else '—'} | "
+            f"{number(creation[key], 0) if key in creation else '—'} | "
             f"{number(cfssl['ready'], 3) if cfssl else '—'} | "
             f"{number(cfssl['peak'] / 1024) if cfssl else '—'} | "
             f"{number(speeds[key], 0) if key in speeds else '—'} | "
@@ -624,7 +640,7 @@ def main(argv=None) -> int:
     facts = machine()
     threads = facts["nproc"]
     say(f"work folder {work}; {facts['nproc']} cores, {facts['cpu']}")
-    cells, servers, speeds, running = [], {}, {}, []
+    cells, servers, speeds, creation, running = [], {}, {}, {}, []
     failed = []
     from cryptography import x509
     try:
@@ -635,6 +651,8 @@ def main(argv=None) -> int:
         for key in args.keys:
             pool = loadgen.make_pool(key, args.pool)
             say(f"{KEY_LABELS[key]}: {len(pool.pems)} CSRs made in {pool.seconds:.1f} s")
+            creation[key] = file_creation_us(work / "file-creation" / key)
+            say(f"  creating a file: {creation[key]:,.0f} µs of CPU")
             present = []
             if "sapid" in args.servers or "ceiling" in args.servers:
                 sapid = Sapid(work / key / "sapid", key, args.workers)
@@ -714,7 +732,7 @@ def main(argv=None) -> int:
              + (" Smoke run: sapid only." if args.smoke else ""), ""]
     for key in args.keys:
         parts += [key_table(key, cells), ""]
-    parts += [summary_table(args.keys, cells, servers, speeds), ""]
+    parts += [summary_table(args.keys, cells, servers, speeds, creation), ""]
     if failed:
         parts += ["Failures:", "", *[f"- {line}" for line in failed], ""]
     report = "\n".join(parts)
@@ -724,6 +742,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": facts, "servers": servers, "openssl_speed": speeds,
+             "file_creation_us": creation,
              "cells": [cell.__dict__ for cell in cells]}, indent=1, default=str))
     if failed:
         say("FAILED:\n" + "\n".join(failed))
