@@ -555,7 +555,8 @@ def summary_table(keys: list, cells: list, servers: dict, speeds: dict,
         "### Processes",
         "",
         ("| key | sapid start to READY=1 (s) | sapid idle RSS (MiB) | sapid peak RSS (MiB) | "
-         "sapid idle PSS (MiB) | file creation (µs) | cfssl start to listening (s) | cfssl peak RSS (MiB) | openssl speed (sign/s, 1 core) "
+         "sapid idle PSS (MiB) | file creation (µs) | cfssl start to listening (s) | "
+         "cfssl peak RSS (MiB) | openssl speed (sign/s, 1 core) "
          "| load gen CPU (µs/req, median) |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
