@@ -1246,6 +1246,8 @@ JOURNAL_FILE = "issued.pem"
 WORKER_SLOTS = 65      # the process itself and up to 64 workers
 INDEX_FOLDER = "issued"
 UNJOURNALED_FOLDER = "unjournaled"
+CLEAN_FILE = "issued.clean"    # left by a clean stop: the records as they were then
+RECOVERY_CHUNK = 1 << 20
 PEM_END = b"-----END CERTIFICATE-----\n"
 
 
@@ -1260,7 +1262,9 @@ class _Batch:
 class Records:
     """``<state>/issued.pem``, an append-only journal fsync'd before any reply (one fsync shared
     by the issuances waiting for it), and ``<state>/issued/<SERIAL>.pem``, an index rebuilt from
-    the journal at start."""
+    the journal at start.  A clean stop leaves ``<state>/issued.clean``: when the journal and
+    the index folder are as it says at the next start, the check is skipped, so that starting
+    does not take longer, nor the daemon more memory, with every certificate the CA issues."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -1294,30 +1298,38 @@ class Records:
         return self._recovered + sum(struct.unpack_from(f"{WORKER_SLOTS}Q", self._shared))
 
     def _recover(self) -> int:
-        """Cut a torn last record, drop temporary files, restore missing index files."""
-        with open(self.journal, "rb") as file:
-            data = file.read()
-        end = data.rfind(PEM_END) + len(PEM_END) if PEM_END in data else 0
-        if end != len(data):
-            log.warning("%s: dropping %d bytes of an unfinished record", self.journal,
-                        len(data) - end)
-            os.ftruncate(self._fd, end)
-            data = data[:end]
+        """Cut a torn last record, drop temporary files, restore missing index files, unless
+        a clean stop left the records as they are now; the number of certificates."""
+        count = self._clean_count()
+        self.found_clean = count is not None
+        if count is not None:
+            log.info("%s: %d certificates, unchanged since a clean stop", self.journal, count)
+            return count
         present = set()
         for name in os.listdir(self.index):
             if name.endswith(".tmp"):
                 os.unlink(os.path.join(self.index, name))
             else:
                 present.add(name)
-        records = data.split(b"# serial ")[1:]
-        journaled = set()
-        for record in records:
-            serial = record.split(b" ", 1)[0].split(b"\n", 1)[0].decode("ascii", "replace")
-            journaled.add(f"{serial}.pem")
-            if f"{serial}.pem" not in present and re.fullmatch(r"[0-9A-F]+", serial):
-                pem = record[record.find(b"-----BEGIN"):]
-                self._write_index(serial, pem)
-                log.info("restored %s/%s.pem from the journal", self.index, serial)
+        journaled, records = set(), 0
+        end = 0                             # where the last whole record ends
+        with open(self.journal, "rb") as file:
+            rest = b""
+            while chunk := file.read(RECOVERY_CHUNK):    # a piece at a time: memory stays
+                rest += chunk                             # small however long the journal
+                cut = rest.rfind(PEM_END) + len(PEM_END) if PEM_END in rest else 0
+                for record in rest[:cut].split(b"# serial ")[1:]:
+                    serial = record.split(b" ", 1)[0].split(b"\n", 1)[0].decode("ascii",
+                                                                                "replace")
+                    journaled.add(f"{serial}.pem")
+                    records += 1
+                    if f"{serial}.pem" not in present and re.fullmatch(r"[0-9A-F]+", serial):
+                        self._write_index(serial, record[record.find(b"-----BEGIN"):])
+                        log.info("restored %s/%s.pem from the journal", self.index, serial)
+                end, rest = end + cut, rest[cut:]
+        if rest:
+            log.warning("%s: dropping %d bytes of an unfinished record", self.journal, len(rest))
+            os.ftruncate(self._fd, end)
         # Written just before a crash whose journal append never happened: signed, but never
         # returned to anyone. Kept aside: the index holds only what the journal holds.
         aside = os.path.join(self.folder, UNJOURNALED_FOLDER)
@@ -1326,7 +1338,56 @@ class Records:
             os.replace(os.path.join(self.index, name), os.path.join(aside, name))
             log.warning("%s/%s was signed but not journaled before a crash, so never returned; "
                         "moved to %s", self.index, name, aside)
-        return len(records)
+        log.info("%s: %d certificates, checked against %s", self.journal, records, self.index)
+        return records
+
+    def _looks(self) -> list[int]:
+        """What a clean stop notes of the journal and the index folder: adding or removing a
+        record or an index file changes it."""
+        journal, index = os.fstat(self._fd), os.stat(self.index)
+        return [journal.st_ino, journal.st_size, journal.st_mtime_ns, index.st_ino,
+                index.st_mtime_ns]
+
+    def _clean_count(self) -> int | None:
+        """The count a clean stop left, if the records still look as it saw them.  The note is
+        used up: from here on only another clean stop vouches for the records."""
+        path = os.path.join(self.folder, CLEAN_FILE)
+        try:
+            with open(path) as file:
+                note = json.load(file)
+            os.unlink(path)
+            _fsync_folder(self.folder)       # no note may outlive this start in a crash
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("%s: %s; checking every record", path, getattr(e, "strerror", e))
+            return None
+        count = note.get("certificates") if isinstance(note, dict) else None
+        if (type(count) is not int or count < 0 or note.get("looks") != self._looks()):
+            return None
+        return count
+
+    def close(self, clean: bool = False) -> None:
+        """Close the journal; with ``clean`` (a stop after every signing was answered, and no
+        other process left a record half-written), note how the records look, unless a write
+        of this process is still under way."""
+        with self._lock:
+            settled = not (self._flushing or self._open.records or self._completed)
+        if clean and settled:
+            path = os.path.join(self.folder, CLEAN_FILE)
+            try:
+                _syncfs(self._fd)   # the index files durable before the note that vouches
+                note = json.dumps({"certificates": self.count, "looks": self._looks()})
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{path}.tmp")
+                _create_file(f"{path}.tmp", note.encode(), 0o640)
+                os.replace(f"{path}.tmp", path)
+                _fsync_folder(self.folder)
+            except OSError as e:
+                log.warning("%s: cannot note a clean stop (%s); the next start checks every "
+                            "record", path, e.strerror)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
 
     def _write_index(self, serial: str, pem: bytes) -> bool:
         """Create ``<SERIAL>.pem`` exclusively and whole; False when that serial exists."""
@@ -1463,9 +1524,25 @@ class Records:
                     os.ftruncate(self._fd, size)   # no torn record behind a failed write
             return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+
+def _fsync_folder(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _syncfs(fd: int) -> None:
+    """Make durable everything written to the file system that holds ``fd`` (syncfs(2))."""
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        os.sync()
+        return
+    if syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -2569,6 +2646,9 @@ class Daemon:
         self._status = None
         self.server = None
         self.workers = {}          # pid -> slot, in the supervising process
+        # Whether a clean stop may vouch for the records: no worker died, so none left a
+        # record half-written, and none counts its certificates where this process cannot see.
+        self.can_vouch = True
         self.stopping = False
 
     def _config(self) -> Config:
@@ -2602,11 +2682,13 @@ class Daemon:
         log.info("serving on %s with CA %s%s", self.where,
                  subject_text(self.authority.identity.certificate.subject),
                  f", {config.workers} workers" if config.workers > 1 else "")
+        clean = False
         try:
             if config.workers == 1:
                 self._serve()
             else:
                 self._supervise(config.workers)
+            clean = self.can_vouch
         finally:
             signal.set_wakeup_fd(wakeup)
             for signum, handler in previous.items():
@@ -2615,7 +2697,7 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     os.unlink(config.socket)
             if self.authority.records:
-                self.authority.records.close()
+                self.authority.records.close(clean)
         log.info("stopped")
         return 0
 
@@ -2653,6 +2735,9 @@ class Daemon:
                 if not pid:
                     break
                 slot = self.workers.pop(pid, None)
+                if slot is not None and not (os.WIFEXITED(status) and
+                                             os.WEXITSTATUS(status) == 0 and self.stopping):
+                    self.can_vouch = False
                 if slot is None or self.stopping:
                     continue
                 log.error("worker %d (pid %d) ended unexpectedly (%s); starting another", slot,
@@ -2741,6 +2826,8 @@ class Daemon:
                                             records=old.records)
             if self.server is not None:
                 self.server.authority = self.authority
+            if self.workers and self.authority.records is not old.records:
+                self.can_vouch = False       # each worker opens the new state folder itself
             log.info("reloaded: CA %s, hooks %s",
                      subject_text(self.authority.identity.certificate.subject),
                      self.authority.hooks.path or "built-in")
@@ -2946,8 +3033,8 @@ def command_sign(args) -> int:
     except RequestError as e:
         raise SapidError(f"{args.csr}: {e.code}: {e.message}") from None
     finally:
-        if authority.records:
-            authority.records.close()
+        if authority.records:     # a clean note only in place of the one it found
+            authority.records.close(authority.records.found_clean)
     sys.stdout.write(issued.pem.decode())
     return 0
 

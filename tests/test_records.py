@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cryptography import x509
@@ -106,3 +109,78 @@ def test_unwritable_state_gives_503_and_no_certificate(daemon, tmp_path):
     index.unlink()
     moved.rename(index)
     assert daemon.sign(make_csr(tmp_path, name="again"))[0] == 200
+
+
+def test_a_clean_stop_spares_the_next_start_reading_every_record(daemon_factory, tmp_path):
+    """A clean stop notes how the records look; a start that finds them so takes the count
+    from the note; a crash, or any change made while stopped, means the whole check again."""
+    daemon = daemon_factory()
+    csr = make_csr(tmp_path)
+    for i in range(3):
+        assert daemon.sign(csr, f"c{i}")[0] == 200
+    note = daemon.state / "issued.clean"
+    assert not note.exists()
+    assert daemon.stop() == 0
+    assert json.loads(note.read_text())["certificates"] == 3
+    daemon.start()
+    assert not note.exists()                # used up: from here on a crash is no clean stop
+    assert "3 certificates, unchanged since a clean stop" in daemon.output()
+    assert daemon.curl("/api/health")[1]["certificates_issued"] == 3
+    status, reply = daemon.sign(csr, "c3")
+    assert status == 200, reply
+    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert not note.exists()
+    # What a crash between an index file and its journal record leaves: found by the check.
+    stray = daemon.state / "issued" / "0ABCDEF0.pem"
+    stray.write_bytes((daemon.state / "issued" / f"{reply['serial']}.pem").read_bytes())
+    daemon.start()
+    assert "4 certificates, checked against" in daemon.output()
+    assert not stray.exists() and (daemon.state / "unjournaled" / stray.name).exists()
+    assert daemon.stop() == 0
+    # A journal changed while stopped no longer looks as the note says.
+    assert json.loads(note.read_text())["certificates"] == 4
+    with open(daemon.state / "issued.pem", "ab") as file:
+        file.write(b"# serial 00FF client x at 2026\n-----BEGIN CERTIFICATE-----\nMIIB")
+    daemon.start()
+    assert daemon.output().count("4 certificates, checked against") == 2
+    assert daemon.curl("/api/health")[1]["certificates_issued"] == 4
+
+
+def test_workers_leave_a_clean_note_only_if_every_worker_ended_well(daemon_factory, tmp_path):
+    daemon = daemon_factory(workers=2)
+    csr = make_csr(tmp_path)
+    for i in range(4):
+        assert daemon.sign(csr, f"c{i}")[0] == 200
+    assert daemon.stop() == 0
+    note = daemon.state / "issued.clean"
+    assert json.loads(note.read_text())["certificates"] == 4
+    daemon.start()
+    assert "4 certificates, unchanged since a clean stop" in daemon.output()
+    pid = daemon.process.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as file:
+        worker = int(file.read().split()[0])
+    os.kill(worker, signal.SIGKILL)        # it could have been between index and journal
+    deadline = time.monotonic() + 10
+    while "ended unexpectedly" not in daemon.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.sign(csr, "c4")[0] == 200
+    assert daemon.stop() == 0
+    assert not note.exists()
+    daemon.start()
+    assert "5 certificates, checked against" in daemon.output()
+
+
+def test_workers_moved_to_another_state_folder_leave_no_clean_note(daemon_factory, tmp_path):
+    """After a reload changes ``state``, each worker counts in its own records, so the count
+    the supervisor could note would be wrong: the next start checks every record instead."""
+    daemon = daemon_factory(workers=2)
+    moved = tmp_path / "moved"
+    daemon.config.write_text(daemon.config.read_text().replace(f"state = {daemon.state}",
+                                                               f"state = {moved}"))
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_for("READY=1")
+    time.sleep(0.5)                                  # the workers reload on their own
+    assert daemon.sign(make_csr(tmp_path), "c")[0] == 200
+    assert daemon.stop() == 0
+    assert not (moved / "issued.clean").exists()
+    assert not (daemon.state / "issued.clean").exists()
