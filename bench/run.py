@@ -189,6 +189,7 @@ class Sapid(Server):
 
     def start(self) -> None:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify_path.unlink(missing_ok=True)        # left by an earlier start
         notify.bind(str(self.notify_path))
         log = open(self.log_path, "ab")
         try:
