@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import difflib
 import errno
+import fcntl
 import functools
 import getpass
 import grp
@@ -1513,8 +1514,14 @@ class Records:
                 self._lead()
 
     def _flush(self, data: bytes) -> str | None:
+        """Append ``data``; a failed write is cut off again.  Other processes append to this
+        journal too (forked workers, ``sapid sign``): a lock they all take keeps their records
+        out of the span between the size read here and that cut."""
+        locked = False
         size = None
         try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+            locked = True
             size = os.fstat(self._fd).st_size
             _write_all(self._fd, data)        # durable on return: O_DSYNC
             return None
@@ -1523,6 +1530,10 @@ class Records:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, size)   # no torn record behind a failed write
             return getattr(e, "strerror", None) or str(e) or type(e).__name__
+        finally:
+            if locked:
+                with contextlib.suppress(OSError):
+                    fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
 
 def _fsync_folder(path: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -184,3 +185,19 @@ def test_workers_moved_to_another_state_folder_leave_no_clean_note(daemon_factor
     assert daemon.stop() == 0
     assert not (moved / "issued.clean").exists()
     assert not (daemon.state / "issued.clean").exists()
+
+
+def test_a_journal_write_waits_for_another_writers_lock(daemon, tmp_path):
+    """Forked workers and ``sapid sign`` append to one journal, and a failed write is cut off
+    again: each write holds a lock on the journal so that the cut never takes another process's
+    record with it. While another process holds that lock, a signing waits."""
+    csr = make_csr(tmp_path)
+    with open(daemon.state / "issued.pem", "r+b") as journal, ThreadPoolExecutor(1) as pool:
+        fcntl.lockf(journal, fcntl.LOCK_EX)
+        pending = pool.submit(daemon.sign, csr, "waits")
+        time.sleep(1.0)
+        assert not pending.done()
+        fcntl.lockf(journal, fcntl.LOCK_UN)
+        status, reply = pending.result(timeout=10)
+    assert status == 200, reply
+    assert reply["serial"] in (daemon.state / "issued.pem").read_text()
