@@ -1249,6 +1249,10 @@ INDEX_FOLDER = "issued"
 UNJOURNALED_FOLDER = "unjournaled"
 CLEAN_FILE = "issued.clean"    # left by a clean stop: the records as they were then
 RECOVERY_CHUNK = 1 << 20
+# Byte-range locks on the journal (fcntl, so per process, and dropped when the process closes
+# any descriptor of the file): every append, and the start-up check, holds the first byte; every
+# process that has the records open shares the second, so a check can tell it is alone.
+WRITE_LOCK, USERS_LOCK = 0, 1
 PEM_END = b"-----END CERTIFICATE-----\n"
 
 
@@ -1287,60 +1291,96 @@ class Records:
         self._committer = None    # pid of the process whose committing thread runs
         self._completed = collections.deque()   # ([(serial, then)], error) of synced batches
         self.wake = lambda: None  # tells whoever calls run_completed that there is work
-        self._recovered = self._recover()
-        # Certificates recorded by each process (slot 0 alone, or 1.. for forked workers), in
-        # memory that forked workers share, so that every one can tell the total.
-        self._shared = mmap.mmap(-1, 8 * WORKER_SLOTS)
+        # Certificates, then journal bytes, recorded by each process (slot 0 alone, or 1.. for
+        # forked workers), in memory that forked workers share, so that each can tell the total.
+        self._shared = mmap.mmap(-1, 16 * WORKER_SLOTS)
         self.slot = 0
+        self._recovered, self._size = self._recover()
+
+    def _lock_byte(self, what: int, which: int, wait: bool = True) -> bool:
+        """Take (or with LOCK_UN release) one of the journal's byte-range locks; False when
+        ``wait`` is off and another process holds it."""
+        try:
+            fcntl.lockf(self._fd, what if wait else what | fcntl.LOCK_NB, 1, which)
+        except (BlockingIOError, PermissionError):
+            return False
+        return True
+
+    def _alone(self) -> bool:
+        """Whether no other process has these records open: then a file in the index that the
+        journal lacks cannot be one whose record is still being written."""
+        alone = self._lock_byte(fcntl.LOCK_EX, USERS_LOCK, wait=False)
+        self._lock_byte(fcntl.LOCK_SH, USERS_LOCK)
+        return alone
+
+    def _recorded(self, offset: int) -> int:
+        """This process's and its workers' certificates (offset 0) or journal bytes (the
+        other half) recorded since start."""
+        return sum(struct.unpack_from(f"{WORKER_SLOTS}Q", self._shared, offset))
 
     @property
     def count(self) -> int:
         """Certificates in the journal: found at start plus recorded since, by every worker."""
-        return self._recovered + sum(struct.unpack_from(f"{WORKER_SLOTS}Q", self._shared))
+        return self._recovered + self._recorded(0)
 
-    def _recover(self) -> int:
+    def _recover(self) -> tuple[int, int]:
         """Cut a torn last record, drop temporary files, restore missing index files, unless
-        a clean stop left the records as they are now; the number of certificates."""
-        count = self._clean_count()
-        self.found_clean = count is not None
-        if count is not None:
-            log.info("%s: %d certificates, unchanged since a clean stop", self.journal, count)
-            return count
+        a clean stop left the records as they are now; the number of certificates and the
+        journal's size.  No append runs meanwhile, from this process or any other."""
+        self._lock_byte(fcntl.LOCK_SH, USERS_LOCK)
+        self._lock_byte(fcntl.LOCK_EX, WRITE_LOCK)
+        try:
+            alone = self._alone()
+            count = self._clean_count()
+            self.found_clean = count is not None
+            if count is not None:
+                log.info("%s: %d certificates, unchanged since a clean stop", self.journal, count)
+                return count, os.fstat(self._fd).st_size
+            return self._check(alone)
+        finally:
+            self._lock_byte(fcntl.LOCK_UN, WRITE_LOCK)
+
+    def _check(self, alone: bool) -> tuple[int, int]:
         present = set()
         for name in os.listdir(self.index):
-            if name.endswith(".tmp"):
-                os.unlink(os.path.join(self.index, name))
-            else:
+            if not name.endswith(".tmp"):
                 present.add(name)
+            elif alone:                  # else it may be another process's, being written
+                os.unlink(os.path.join(self.index, name))
         journaled, records = set(), 0
         end = 0                             # where the last whole record ends
-        with open(self.journal, "rb") as file:
-            rest = b""
-            while chunk := file.read(RECOVERY_CHUNK):    # a piece at a time: memory stays
-                rest += chunk                             # small however long the journal
-                cut = rest.rfind(PEM_END) + len(PEM_END) if PEM_END in rest else 0
-                for record in rest[:cut].split(b"# serial ")[1:]:
-                    serial = record.split(b" ", 1)[0].split(b"\n", 1)[0].decode("ascii",
-                                                                                "replace")
-                    journaled.add(f"{serial}.pem")
-                    records += 1
-                    if f"{serial}.pem" not in present and re.fullmatch(r"[0-9A-F]+", serial):
-                        self._write_index(serial, record[record.find(b"-----BEGIN"):])
-                        log.info("restored %s/%s.pem from the journal", self.index, serial)
-                end, rest = end + cut, rest[cut:]
-        if rest:
+        rest = b""
+        # Read through the descriptor: closing another one would drop this process's locks.
+        while chunk := os.pread(self._fd, RECOVERY_CHUNK, end + len(rest)):
+            rest += chunk                   # a piece at a time: memory stays small
+            cut = rest.rfind(PEM_END) + len(PEM_END) if PEM_END in rest else 0
+            for record in rest[:cut].split(b"# serial ")[1:]:
+                serial = record.split(b" ", 1)[0].split(b"\n", 1)[0].decode("ascii", "replace")
+                journaled.add(f"{serial}.pem")
+                records += 1
+                if f"{serial}.pem" not in present and re.fullmatch(r"[0-9A-F]+", serial):
+                    self._write_index(serial, record[record.find(b"-----BEGIN"):])
+                    log.info("restored %s/%s.pem from the journal", self.index, serial)
+            end, rest = end + cut, rest[cut:]
+        if rest:        # no append is under way (the write lock is held): this one failed
             log.warning("%s: dropping %d bytes of an unfinished record", self.journal, len(rest))
             os.ftruncate(self._fd, end)
+        strays = sorted(present - journaled)
+        if strays and not alone:
+            log.info("%s: %d index files without a journal record, maybe still being written "
+                     "by another process, left for a start that has the records to itself",
+                     self.index, len(strays))
+            strays = []
         # Written just before a crash whose journal append never happened: signed, but never
         # returned to anyone. Kept aside: the index holds only what the journal holds.
         aside = os.path.join(self.folder, UNJOURNALED_FOLDER)
-        for name in sorted(present - journaled):
+        for name in strays:
             os.makedirs(aside, mode=0o750, exist_ok=True)
             os.replace(os.path.join(self.index, name), os.path.join(aside, name))
             log.warning("%s/%s was signed but not journaled before a crash, so never returned; "
                         "moved to %s", self.index, name, aside)
         log.info("%s: %d certificates, checked against %s", self.journal, records, self.index)
-        return records
+        return records, end
 
     def _looks(self) -> list[int]:
         """What a clean stop notes of the journal and the index folder: adding or removing a
@@ -1370,11 +1410,19 @@ class Records:
 
     def close(self, clean: bool = False) -> None:
         """Close the journal; with ``clean`` (a stop after every signing was answered, and no
-        other process left a record half-written), note how the records look, unless a write
-        of this process is still under way."""
+        worker died), note how the records look, if they are as this process made them: no
+        write of its own under way, no other process using them, the journal as long as what
+        was found plus what was written, and an index file for each record and nothing else."""
         with self._lock:
             settled = not (self._flushing or self._open.records or self._completed)
-        if clean and settled:
+        if clean and not settled:
+            log.info("%s: a write was under way at the stop", self.journal)
+        elif clean and not self._alone():
+            log.info("%s: another process is using the records", self.journal)
+        elif clean and not self._as_made():
+            log.warning("%s: the records changed besides this process's writes; the next "
+                        "start checks every record", self.folder)
+        elif clean:
             path = os.path.join(self.folder, CLEAN_FILE)
             try:
                 _syncfs(self._fd)   # the index files durable before the note that vouches
@@ -1389,6 +1437,21 @@ class Records:
                             "record", path, e.strerror)
         with contextlib.suppress(OSError):
             os.close(self._fd)
+
+    def _as_made(self) -> bool:
+        """Whether the journal and the index are what the start found plus this process's
+        (and its workers') writes: another process's record, a failed write that could not be
+        cut off, or a leftover index or temporary file all tell otherwise."""
+        try:
+            if os.fstat(self._fd).st_size != self._size + self._recorded(8 * WORKER_SLOTS):
+                return False
+            files = 0
+            with os.scandir(self.index) as entries:     # counted, not held: memory stays flat
+                for _ in entries:
+                    files += 1
+        except OSError:
+            return False
+        return files == self.count
 
     def _write_index(self, serial: str, pem: bytes) -> bool:
         """Create ``<SERIAL>.pem`` exclusively and whole; False when that serial exists."""
@@ -1487,17 +1550,18 @@ class Records:
         released meanwhile so that the next batch can gather."""
         batch, self._open, self._flushing = self._open, _Batch(), True
         self._lock.release()
-        error = "not written"
+        error, data = "not written", b"".join(batch.records)
         try:
-            error = self._flush(b"".join(batch.records))
+            error = self._flush(data)
         finally:
             self._lock.acquire()
             self._flushing = False
             batch.done, batch.error = True, error
             if error is None:
-                offset = 8 * self.slot
-                mine = struct.unpack_from("Q", self._shared, offset)[0]
-                struct.pack_into("Q", self._shared, offset, mine + len(batch.records))
+                for offset, more in ((8 * self.slot, len(batch.records)),
+                                     (8 * (WORKER_SLOTS + self.slot), len(data))):
+                    mine = struct.unpack_from("Q", self._shared, offset)[0]
+                    struct.pack_into("Q", self._shared, offset, mine + more)
             self._lock.notify_all()
             if batch.waiting:
                 self._completed.append((batch.waiting, None if error is None else
@@ -1520,8 +1584,7 @@ class Records:
         locked = False
         size = None
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX)
-            locked = True
+            locked = self._lock_byte(fcntl.LOCK_EX, WRITE_LOCK)
             size = os.fstat(self._fd).st_size
             _write_all(self._fd, data)        # durable on return: O_DSYNC
             return None
@@ -1533,7 +1596,15 @@ class Records:
         finally:
             if locked:
                 with contextlib.suppress(OSError):
-                    fcntl.lockf(self._fd, fcntl.LOCK_UN)
+                    self._lock_byte(fcntl.LOCK_UN, WRITE_LOCK)
+
+
+def _same_path(one: str, other: str) -> bool:
+    """Whether two spellings name the same file (``/srv/ca`` and ``/srv/ca/``, a symlink)."""
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return os.path.realpath(one) == os.path.realpath(other)
 
 
 def _fsync_folder(path: str) -> None:
@@ -1685,7 +1756,7 @@ class Authority:
             where = hooks.path or "built-in hooks"
             raise ConfigError(f"{where}:{_error_line(e, where)}: boot refused: "
                               f"{type(e).__name__}: {_one_line(e)}") from None
-        if store and (records is None or records.folder != config.state):
+        if store and (records is None or not _same_path(records.folder, config.state)):
             records = Records(config.state)
         return cls(config, identity, hooks, records, runner)
 

@@ -6,13 +6,14 @@ import fcntl
 import json
 import os
 import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cryptography import x509
 
 import sapid
-from conftest import make_csr, openssl_verify
+from conftest import SAPID, make_csr, openssl_verify, sapid_env
 
 
 def test_200_requests_from_20_clients(daemon, tmp_path):
@@ -193,11 +194,42 @@ def test_a_journal_write_waits_for_another_writers_lock(daemon, tmp_path):
     record with it. While another process holds that lock, a signing waits."""
     csr = make_csr(tmp_path)
     with open(daemon.state / "issued.pem", "r+b") as journal, ThreadPoolExecutor(1) as pool:
-        fcntl.lockf(journal, fcntl.LOCK_EX)
+        fcntl.lockf(journal, fcntl.LOCK_EX, 1, 0)  # the write lock: the journal's first byte
         pending = pool.submit(daemon.sign, csr, "waits")
         time.sleep(1.0)
         assert not pending.done()
-        fcntl.lockf(journal, fcntl.LOCK_UN)
+        fcntl.lockf(journal, fcntl.LOCK_UN, 1, 0)
         status, reply = pending.result(timeout=10)
     assert status == 200, reply
     assert reply["serial"] in (daemon.state / "issued.pem").read_text()
+
+
+def test_sapid_sign_beside_a_running_daemon_leaves_its_records_alone(daemon, tmp_path):
+    """``sapid sign`` checks the records as it opens them, but while the daemon has them open
+    an index file the journal lacks may be a record still being written: it stays where it is.
+    The daemon's stop then notes nothing, since the records are no longer only what it made,
+    and the next start, alone, checks every record and puts the stray aside."""
+    csr = make_csr(tmp_path)
+    status, reply = daemon.sign(csr, "first")
+    assert status == 200, reply
+    stray = daemon.state / "issued" / "0ABCDEF0.pem"
+    stray.write_bytes((daemon.state / "issued" / f"{reply['serial']}.pem").read_bytes())
+    done = subprocess.run([*SAPID, "sign", "-c", str(daemon.config), str(csr)], env=sapid_env(),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert stray.exists() and not (daemon.state / "unjournaled").exists()
+    assert daemon.stop() == 0
+    assert "changed besides this process's writes" in daemon.output()
+    assert not (daemon.state / "issued.clean").exists()
+    daemon.start()
+    assert "2 certificates, checked against" in daemon.output()
+    assert not stray.exists() and (daemon.state / "unjournaled" / stray.name).exists()
+    assert daemon.curl("/api/health")[1]["certificates_issued"] == 2
+
+
+def test_a_stray_index_file_at_a_stop_means_no_clean_note(daemon, tmp_path):
+    assert daemon.sign(make_csr(tmp_path), "first")[0] == 200
+    (daemon.state / "issued" / "0ABCDEF0.pem").write_bytes(b"not a record\n")
+    assert daemon.stop() == 0
+    assert "changed besides this process's writes" in daemon.output()
+    assert not (daemon.state / "issued.clean").exists()
