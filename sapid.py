@@ -2732,6 +2732,10 @@ class Daemon:
         # record half-written, and none counts its certificates where this process cannot see.
         self.can_vouch = True
         self.stopping = False
+        # Every Records this process opened, one per state folder: a reload back to a folder
+        # takes its Records up again (two in one process would not exclude each other's
+        # writes: the journal's locks are per process), and a stop closes them all.
+        self._opened = []
 
     def _config(self) -> Config:
         config = Config.load(self.config_path)
@@ -2745,6 +2749,7 @@ class Daemon:
         # Its threads start on demand, so none exists yet when workers are forked.
         self.runner = HookRunner(config.max_threads * 2)
         self.authority = Authority.open(config, self._passphrase, self.runner)
+        self._opened = [self.authority.records]
         if self.authority.hooks.path is None:
             log.warning("no hooks file: every valid CSR is signed (set 'hooks' in %s)",
                         config.path or DEFAULT_CONFIG)
@@ -2778,8 +2783,8 @@ class Daemon:
             if bound:
                 with contextlib.suppress(OSError):
                     os.unlink(config.socket)
-            if self.authority.records:
-                self.authority.records.close(clean)
+            for records in self._opened:
+                records.close(clean)
         log.info("stopped")
         return 0
 
@@ -2904,8 +2909,12 @@ class Daemon:
             config = dataclasses.replace(self._config(), socket=old.config.socket,
                                          max_threads=old.config.max_threads,
                                          workers=old.config.workers)
+            known = next((records for records in self._opened
+                          if _same_path(records.folder, config.state)), old.records)
             self.authority = Authority.open(config, self._passphrase, self.runner,
-                                            records=old.records)
+                                            records=known)
+            if self.authority.records not in self._opened:
+                self._opened.append(self.authority.records)
             if self.server is not None:
                 self.server.authority = self.authority
             if self.workers and self.authority.records is not old.records:

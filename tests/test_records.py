@@ -233,3 +233,36 @@ def test_a_stray_index_file_at_a_stop_means_no_clean_note(daemon, tmp_path):
     assert daemon.stop() == 0
     assert "changed besides this process's writes" in daemon.output()
     assert not (daemon.state / "issued.clean").exists()
+
+
+def test_a_reload_back_to_a_state_folder_takes_up_its_records_again(daemon, tmp_path):
+    """Moving ``state`` away and back opens each folder's records once: one journal
+    descriptor per folder (no second writer on a journal in one process, no descriptor left
+    behind per reload), and a clean stop notes every folder with its own count."""
+    csr = make_csr(tmp_path)
+    first = daemon.state
+    moved = tmp_path / "moved"
+    text = daemon.config.read_text()
+
+    def reload_to(folder):
+        daemon.config.write_text(text.replace(f"state = {first}", f"state = {folder}/"))
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("READY=1")
+
+    def journals():
+        fds = f"/proc/{daemon.process.pid}/fd"
+        return sorted(os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)
+                      if os.readlink(f"{fds}/{fd}").endswith("issued.pem"))
+
+    assert daemon.sign(csr, "a1")[0] == 200
+    reload_to(moved)
+    assert daemon.sign(csr, "b1")[0] == 200
+    reload_to(first)
+    assert daemon.sign(csr, "a2")[0] == 200
+    reload_to(moved)
+    reload_to(first)
+    assert journals() == sorted([str(first / "issued.pem"), str(moved / "issued.pem")])
+    assert daemon.curl("/api/health")[1]["certificates_issued"] == 2
+    assert daemon.stop() == 0
+    assert json.loads((first / "issued.clean").read_text())["certificates"] == 2
+    assert json.loads((moved / "issued.clean").read_text())["certificates"] == 1
