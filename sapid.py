@@ -477,62 +477,16 @@ def signature_hash(key):
     return hashes.SHA256()
 
 
-SIGNATURE_OIDS = {
-    ("rsa", "sha256"): "1.2.840.113549.1.1.11", ("rsa", "sha384"): "1.2.840.113549.1.1.12",
-    ("rsa", "sha512"): "1.2.840.113549.1.1.13", ("ec", "sha256"): "1.2.840.10045.4.3.2",
-    ("ec", "sha384"): "1.2.840.10045.4.3.3", ("ec", "sha512"): "1.2.840.10045.4.3.4",
-    ("ed25519", None): "1.3.101.112", ("ed448", None): "1.3.101.113",
-}
-
-
-def certificate_signer(key) -> tuple[bytes, object]:
-    """The AlgorithmIdentifier (DER) of the certificates ``key`` signs, and a function that
-    signs a TBSCertificate with it (RFC 5280 4.1.1.2, RFC 8410); ValueError for other keys."""
-    digest = signature_hash(key)
-    if isinstance(key, rsa.RSAPrivateKey):
-        kind, sign = "rsa", lambda tbs: key.sign(tbs, asym_padding.PKCS1v15(), digest)
-    elif isinstance(key, ec.EllipticCurvePrivateKey):
-        kind, sign = "ec", lambda tbs: key.sign(tbs, ec.ECDSA(digest))
-    elif isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
-        kind, sign = ("ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "ed448",
-                      key.sign)
-    else:
-        raise ValueError(f"a {key_description(key.public_key())} key cannot sign certificates "
-                         "here: the CA key must be RSA, EC, Ed25519 or Ed448")
-    oid = _der_oid(SIGNATURE_OIDS[kind, digest.name if digest else None])
-    # RSA's AlgorithmIdentifier carries NULL parameters; ECDSA's and EdDSA's none.
-    return _der_seq(oid, b"\x05\x00") if kind == "rsa" else _der_seq(oid), sign
-
-
-def _der_int(value: int) -> bytes:
-    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
-
-
+# RFC 5280 4.1.2.5: UTCTime covers 1950 to 2049; X.509 has no encoding for earlier times.
 EARLIEST_TIME = datetime.datetime(1950, 1, 1, tzinfo=datetime.timezone.utc)
 
 
-def _der_time(moment: datetime.datetime) -> bytes:
-    """UTCTime through 2049, GeneralizedTime from 2050 (RFC 5280 4.1.2.5); whole seconds."""
-    if moment < EARLIEST_TIME:
-        raise ValueError(f"{moment} is before 1950")
-    m = moment
-    text = f"{m.month:02}{m.day:02}{m.hour:02}{m.minute:02}{m.second:02}Z"
-    if m.year < 2050:
-        return b"\x17\x0d%02d%s" % (m.year % 100, text.encode())
-    return b"\x18\x0f%04d%s" % (m.year, text.encode())
-
-
-@functools.lru_cache(maxsize=256)
-def _der_oid_cached(dotted: str) -> bytes:
-    return _der_oid(dotted)
-
-
-def _der_extension(extension: x509.Extension) -> bytes:
-    if not isinstance(extension, x509.Extension):
-        raise TypeError(f"{type(extension).__name__} in the extensions, not an x509.Extension")
-    return _der_seq(_der_oid_cached(extension.oid.dotted_string),
-                    b"\x01\x01\xff" if extension.critical else b"",   # DEFAULT FALSE: omitted
-                    _der(0x04, extension.value.public_bytes()))
+def check_ca_key(key) -> None:
+    """ValueError for a CA key that cannot sign certificates here (DSA, X25519, ...)."""
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey,
+                            ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+        raise ValueError(f"a {key_description(key.public_key())} key cannot sign certificates "
+                         "here: the CA key must be RSA, EC, Ed25519 or Ed448")
 
 
 def generate_key(kind: str):
@@ -582,19 +536,75 @@ def check_csr_key(public_key) -> None:
                            "RSA, EC P-256/P-384/P-521, Ed25519 or Ed448")
 
 
+# RFC 7468 3: an encapsulation boundary, "-----BEGIN " label "-----", where the label is
+# printable ASCII but "-", single spaces or hyphens between.  Found anywhere: RFC 7468 2 lets
+# explanatory text stand before and after the block (``openssl req -text`` writes it).
+PEM_BEGIN = re.compile(rb"-----BEGIN ((?:[!-,.-~](?:[- ]?[!-,.-~])*)?)-----")
+# RFC 7468 7; openssl and ssl_api's clients also write the older NEW CERTIFICATE REQUEST.
+CSR_LABELS = (b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST")
+# What other labels hold, for a message that says what was sent instead.
+PEM_KINDS = {b"CERTIFICATE": "a certificate", b"X509 CRL": "a CRL",
+             b"PRIVATE KEY": "a private key", b"ENCRYPTED PRIVATE KEY": "a private key",
+             b"RSA PRIVATE KEY": "a private key", b"EC PRIVATE KEY": "a private key",
+             b"PUBLIC KEY": "a public key", b"PKCS7": "a PKCS#7 bundle"}
+
+
 def parse_csr(body: bytes) -> x509.CertificateSigningRequest:
-    """A CSR from PEM or DER, told apart by content."""
+    """A CSR from PEM (with any explanatory text around the block) or DER, told apart by
+    content.  Every refusal says in words what is wrong; the parser's own words go to the log."""
     if not body.strip():
         raise RequestError(400, "not_a_csr", "empty body: send a PKCS#10 CSR in PEM or DER")
+    labels = PEM_BEGIN.findall(body)
+    if not labels:
+        return _parse_csr_der(body, "")
+    if len(labels) > 1:
+        raise _not_a_csr(f"the body holds {len(labels)} PEM blocks: send one CSR")
+    label = labels[0]
+    if label not in CSR_LABELS:
+        kind = PEM_KINDS.get(label, f"a PEM block labelled {label[:40].decode()!r}")
+        raise _not_a_csr(f"{kind}, not a certificate request: send the CSR "
+                         "(-----BEGIN CERTIFICATE REQUEST-----)")
+    begin = body.index(b"-----BEGIN " + label + b"-----")
+    start = begin + len(label) + 16
+    end = body.find(b"-----END " + label + b"-----", start)
+    if end < 0:
+        raise _not_a_csr("truncated PEM: the block has no END line")
     try:
-        if body.lstrip()[:10] == b"-----BEGIN":
-            if (blocks := body.count(b"-----BEGIN")) != 1:
-                raise RequestError(400, "not_a_csr",
-                                   f"send one CSR: the body holds {blocks} PEM blocks")
-            return x509.load_pem_x509_csr(body)
-        return x509.load_der_x509_csr(body)
-    except (ValueError, x509.InvalidVersion) as e:     # InvalidVersion is no ValueError
-        raise RequestError(400, "not_a_csr", f"not a PKCS#10 CSR: {_one_line(e)}") from None
+        der = base64.b64decode(b"".join(body[start:end].split()), validate=True)
+    except ValueError:
+        raise _not_a_csr("the PEM block's base64 is broken") from None
+    return _parse_csr_der(der, "the PEM block: ")
+
+
+def _not_a_csr(message: str) -> RequestError:
+    return RequestError(400, "not_a_csr", f"not a PKCS#10 CSR: {message}")
+
+
+def _parse_csr_der(der: bytes, where: str) -> x509.CertificateSigningRequest:
+    if der[:1] != b"\x30":
+        raise _not_a_csr(f"{where}not DER" if where else "neither PEM (no -----BEGIN line) "
+                         "nor DER")
+    if der[1:2] == b"\x80":
+        raise _not_a_csr(f"{where}BER with an indefinite length, not DER")
+    try:
+        _, _, end = _der_read(der, 0)
+    except IndexError:
+        raise _not_a_csr(f"{where}truncated DER: the body ends inside its first tag") from None
+    except ValueError:
+        raise _not_a_csr(f"{where}truncated DER: shorter than its own length says") from None
+    if end != len(der):
+        raise _not_a_csr(f"{where}{len(der) - end} bytes after the end of the DER")
+    try:
+        return x509.load_der_x509_csr(der)
+    except (ValueError, x509.InvalidVersion) as e:      # InvalidVersion is no ValueError
+        detail = _one_line(e)
+    try:
+        x509.load_der_x509_certificate(der)
+        raise _not_a_csr(f"{where}a certificate, not a certificate request: send the CSR")
+    except (ValueError, x509.InvalidVersion):
+        pass
+    log.info("a CSR refused as malformed: %s", detail)
+    raise _not_a_csr(f"{where}its DER is not a CertificationRequest (RFC 2986)")
 
 
 EXTENSION_REQUEST_OIDS = (_der_oid("1.2.840.113549.1.9.14"), _der_oid("1.3.6.1.4.1.311.2.1.14"))
@@ -1184,7 +1194,7 @@ class Identity:
                     message = f"wrong passphrase (or a damaged key file: {message})"
                 raise ConfigError(f"{key_path}: cannot load the CA key: {message}") from None
             try:
-                certificate_signer(key)
+                check_ca_key(key)
             except ValueError as e:
                 raise ConfigError(f"{key_path}: {e}") from None
             if spki_der(key.public_key()) != spki_der(certificate.public_key()):
@@ -1198,17 +1208,6 @@ class Identity:
         """The CA certificate followed by its chain."""
         return b"".join(c.public_bytes(serialization.Encoding.PEM)
                         for c in (self.certificate, *self.chain))
-
-
-def _subject_der(certificate: x509.Certificate) -> bytes:
-    """The subject Name of ``certificate``, byte for byte as it is encoded there."""
-    data = certificate.tbs_certificate_bytes
-    _, pos, _ = _der_read(data, 0)
-    if data[pos] == 0xA0:                          # [0] version
-        pos = _der_read(data, pos)[2]
-    for _ in range(4):                             # serial, signature, issuer, validity
-        pos = _der_read(data, pos)[2]
-    return data[pos:_der_read(data, pos)[2]]
 
 
 def _aware(moment) -> datetime.datetime:
@@ -1726,19 +1725,15 @@ class Authority:
         self.records, self.runner = records, runner
         # Per-request constants, worked out once.
         certificate = identity.certificate
-        self._issuer = _subject_der(certificate)     # as the CA certificate encodes it
+        self._issuer = certificate.subject
         self._not_after_limit = certificate.not_valid_after_utc
-        if identity.key is not None:      # of a type Identity.load has checked
-            self._algorithm, self._sign_tbs = certificate_signer(identity.key)
+        self._hash = signature_hash(identity.key) if identity.key is not None else None
         try:
             ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
             aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
         except x509.ExtensionNotFound:
             aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(certificate.public_key())
         self._aki = x509.Extension(ExtensionOID.AUTHORITY_KEY_IDENTIFIER, False, aki)
-        # The DER of the extensions every certificate carries, by identity (see sign).
-        self._constant_der = {id(extension): _der_extension(extension) for extension in (
-            EXTENSION_LEAF, EXTENSION_EKU, EXTENSION_USAGE, EXTENSION_USAGE_RSA, self._aki)}
         self.ca_pem = identity.pem()
         self.ca_pem_text = self.ca_pem.decode()
         self._backdate = datetime.timedelta(seconds=config.backdate_seconds)
@@ -1884,34 +1879,29 @@ class Authority:
                      min(now + validity, self._not_after_limit), extensions)
 
     def sign(self, draft: Draft) -> x509.Certificate:
-        """Sign ``draft``; validity is clamped to the CA's own whatever presign did."""
-        return x509.load_der_x509_certificate(self.sign_der(draft))
-
-    def sign_der(self, draft: Draft) -> bytes:
-        """``sign``, the certificate in DER.
-
-        The TBSCertificate is encoded here and signed with the key directly: cryptography's
-        CertificateBuilder would do the same work over again for every certificate (the
-        issuer, the algorithm, the constant extensions), at twice the cost of the signature.
-        """
+        """Sign ``draft`` with cryptography's CertificateBuilder: a CA signs what its X.509
+        library built.  Validity is clamped to the CA's own whatever presign did."""
         try:
             not_before = _aware(draft.not_valid_before)
             not_after = min(_aware(draft.not_valid_after), self._not_after_limit)
             if not_after <= not_before:
                 raise HookError("the draft's not_valid_after is not after its not_valid_before")
+            if not_before < EARLIEST_TIME:
+                # cryptography 48 panics (a BaseException) on a time before 1950.
+                raise ValueError(f"not_valid_before {not_before} is before 1950")
             if not isinstance(draft.subject, x509.Name):
                 raise TypeError(f"subject is {type(draft.subject).__name__}, not an x509.Name")
-            constant = self._constant_der
-            extensions = b"".join(constant.get(id(extension)) or _der_extension(extension)
-                                  for extension in draft.extensions.values())
-            tbs = _der_seq(
-                b"\xa0\x03\x02\x01\x02",                       # [0] version: v3
-                _der_int(normalize_serial(draft.serial_number)),
-                self._algorithm, self._issuer,
-                _der_seq(_der_time(not_before), _der_time(not_after)),
-                draft.subject.public_bytes(), spki_der(draft.public_key),
-                _der(0xA3, _der_seq(extensions)) if extensions else b"")
-            return _der_seq(tbs, self._algorithm, _der(0x03, b"\0" + self._sign_tbs(tbs)))
+            for extension in draft.extensions.values():
+                if not isinstance(extension, x509.Extension):
+                    raise TypeError(f"{type(extension).__name__} in the extensions, not an "
+                                    "x509.Extension")
+            builder = x509.CertificateBuilder(
+                issuer_name=self._issuer, subject_name=draft.subject,
+                public_key=draft.public_key,
+                serial_number=normalize_serial(draft.serial_number),
+                not_valid_before=not_before, not_valid_after=not_after,
+                extensions=list(draft.extensions.values()))
+            return builder.sign(self.identity.key, self._hash)
         except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
             raise HookError(f"the draft cannot be signed: {_one_line(e)}") from None
 
@@ -1919,12 +1909,12 @@ class Authority:
         """Sign and record; with ``then``, the journal is synced later (see ``issue_later``)."""
         for _ in range(SERIAL_ATTEMPTS):
             try:
-                der = self.sign_der(draft)
+                certificate = self.sign(draft)
             except HookError:
                 log.exception("presign left a draft that cannot be signed")
                 raise RequestError(500, "hook_error",
                                    "a hook of this CA failed; its log has the details") from None
-            certificate = x509.load_der_x509_certificate(der)
+            der = certificate.public_bytes(serialization.Encoding.DER)
             pem = _pem("CERTIFICATE", der)
             serial = serial_hex(certificate.serial_number)
             issued = Issued(certificate, pem, serial, hashlib.sha256(der).hexdigest())
@@ -1975,8 +1965,48 @@ def audit(outcome: str, client_id, subject, serial, fingerprint, code=None, reas
 # ---------------------------------------------------------------------------------------------
 
 PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
-CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}\Z")
-TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+# The request grammar of RFC 9110 and RFC 9112, one rule a line, each beside its section.  The
+# rules match bytes: a head is decoded (as latin-1, RFC 9110 5.5's obs-text) only once it is
+# known to be well formed.
+
+# RFC 9110 5.6.2: token = 1*tchar
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+TOKEN = re.compile(_TOKEN + rb"\Z")
+# RFC 9110 5.6.4: quoted-string = DQUOTE *( qdtext / quoted-pair ) DQUOTE
+_QUOTED_STRING = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+# RFC 9112 3: request-line = method SP request-target SP HTTP-version, single spaces;
+# RFC 9112 2.3: HTTP-version = HTTP-name "/" DIGIT "." DIGIT, case-sensitive.
+REQUEST_LINE = re.compile(rb"(%s) ([^ ]+) (HTTP/([0-9])\.([0-9]))\Z" % _TOKEN)
+# RFC 3986 3.3, 3.4: the characters of a path and a query: pchar / "/" / "?"
+_URI_CHARS = rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*"
+# RFC 9112 3.2.1: origin-form = absolute-path [ "?" query ]
+ORIGIN_FORM = re.compile(rb"/" + _URI_CHARS + rb"\Z")
+# RFC 9112 3.2.2: absolute-form = absolute-URI (a server MUST accept it); only http(s) here.
+ABSOLUTE_FORM = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#]*)(" + _URI_CHARS + rb")\Z")
+# RFC 9110 7.2, RFC 3986 3.2.2-3: Host = uri-host [ ":" port ]; IP-literal / IPv4 / reg-name.
+HOST = re.compile(rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=]+\]"
+                  rb"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?\Z")
+# RFC 9110 5.5: field-value = *field-content, of field-vchar (VCHAR / obs-text) with SP and
+# HTAB between them; CR, LF and NUL MUST be refused, other controls are invalid too.
+FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
+# RFC 9112 2.2: a bare CR, or a LF not preceded by CR (a bare LF as a line end).
+BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# RFC 9112 7.1: chunk = chunk-size [ chunk-ext ] CRLF ...; chunk-size = 1*HEXDIG;
+# RFC 9112 7.1.1: chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] ),
+# chunk-ext-name = token, chunk-ext-val = token / quoted-string.  Extensions are ignored.
+CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)((?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*)\Z"
+                        % (_TOKEN, _TOKEN, _QUOTED_STRING))
+# A chunk size of more than 16 hex digits overflows 64 bits, where parsers disagree.
+CHUNK_SIZE_DIGITS = 16
+# A chunk line (size and extensions) longer than this is refused: nothing legitimate needs it.
+MAX_CHUNK_LINE = 1024
+# The digits of a Content-Length past which the value is over any limit (and no int is made).
+CONTENT_LENGTH_DIGITS = 18
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(400, "bad_request", message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1990,6 +2020,11 @@ class Request:
     body: bytes | None
     peer: tuple | None
     keep_alive: bool
+
+    @property
+    def framed(self) -> bool:
+        """Whether the request announced a body (Content-Length or chunked)."""
+        return self.body is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2009,93 +2044,325 @@ def error_response(error: RequestError) -> Response:
                          error.headers)
 
 
-@dataclasses.dataclass
-class _Head:
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """A request line and its header fields, checked; the body still to come."""
+
     method: str
     path: str
-    version: str
-    headers: dict
+    version: str             # HTTP/1.1 or HTTP/1.0
+    headers: dict            # lower-case name -> value (latin-1), repeated fields joined
     length: int | None       # Content-Length, or None
     chunked: bool
     keep_alive: bool
     expects_continue: bool
 
+    @property
+    def framed(self) -> bool:
+        return self.length is not None or self.chunked
 
-def parse_head(raw: bytes, limit: int) -> _Head:
-    """Request line and headers, strictly (RFC 9112); RequestError for anything ambiguous."""
-    lines = raw.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not TOKEN.match(parts[0]) or not parts[1]:
-        raise RequestError(400, "bad_request", "malformed request line")
-    method, target, version = parts
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise RequestError(505 if version.startswith("HTTP/") else 400, "bad_request",
-                           f"unsupported protocol {version[:16]!r}: HTTP/1.1 or HTTP/1.0")
-    headers = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not TOKEN.match(name):
-            raise RequestError(400, "bad_request", "malformed header line")
-        name, value = name.lower(), value.strip(" \t")
+
+def _line_end_error(data: bytes) -> RequestError | None:
+    """RFC 9112 2.2: lines end with CRLF; a bare CR or bare LF is refused, not guessed at."""
+    match = BARE_CR_OR_LF.search(data)
+    return None if match is None else _bare(match[0])
+
+
+def _bare(char: bytes) -> RequestError:
+    if char == b"\n":
+        return _bad("a line ends with a bare LF: HTTP lines end with CRLF (RFC 9112 2.2)")
+    return _bad("a bare CR in the request: CR only comes before LF (RFC 9112 2.2)")
+
+
+def _request_target(method: bytes, target: bytes) -> str:
+    """The path (and query) a request-target names (RFC 9112 3.2)."""
+    if ORIGIN_FORM.match(target):
+        return target.decode("ascii")
+    if (match := ABSOLUTE_FORM.match(target)) is not None:
+        if not HOST.match(match[1]):
+            raise _bad("the request-target's authority is not a host (RFC 9112 3.2.2)")
+        return match[2].decode("ascii") or "/"
+    if target == b"*" and method == b"OPTIONS":        # 3.2.4: asterisk-form
+        return "*"
+    raise _bad("the request-target is not a path or an http URI (RFC 9112 3.2)")
+
+
+def _field(line: bytes) -> tuple[bytes, bytes]:
+    """(name, value) of one field line: field-name ":" OWS field-value OWS (RFC 9112 5)."""
+    if line[:1] in (b" ", b"\t"):
+        raise _bad("obs-fold: a header line starts with whitespace, continuing the one before; "
+                   "folding is refused (RFC 9112 5.2)")
+    name, colon, value = line.partition(b":")
+    if not colon:
+        raise _bad("a header line without a colon (RFC 9112 5)")
+    if name != name.rstrip(b" \t"):
+        raise _bad("whitespace between a header name and its colon (RFC 9112 5.1)")
+    if not TOKEN.match(name):
+        raise _bad("a header name that is not a token (RFC 9110 5.1)")
+    value = value.strip(b" \t")
+    if not FIELD_VALUE.match(value):
+        what = ("NUL" if b"\0" in value else "CR" if b"\r" in value else "LF" if b"\n" in value
+                else "a control character")
+        raise _bad(f"{what} in the value of header {name[:40].decode()} (RFC 9110 5.5)")
+    return name, value
+
+
+def _list(value: str) -> list[str]:
+    """The members of a comma-separated list field (RFC 9110 5.6.1), empty ones dropped."""
+    return [member.strip(" \t") for member in value.split(",") if member.strip(" \t")]
+
+
+def parse_head(raw: bytes, limit: int) -> Head:
+    """A request head without its final empty line, checked to the letter of RFC 9112;
+    RequestError (400, or 413/501/505 as the RFCs say) for anything it refuses."""
+    if (error := _line_end_error(raw)) is not None:
+        raise error
+    line, *field_lines = raw.split(b"\r\n")
+    if (match := REQUEST_LINE.match(line)) is None:
+        if line.startswith((b" ", b"\t")) or b"  " in line:
+            raise _bad("the request line has extra whitespace: method SP target SP version "
+                       "(RFC 9112 3)")
+        raise _bad("malformed request line: method SP target SP HTTP-version (RFC 9112 3)")
+    method, target, version, major, minor = match.groups()
+    if major != b"1":
+        # RFC 9110 15.6.6: a major version the server does not support.
+        raise RequestError(505, "bad_request", f"{version.decode()} is not supported: send "
+                           "HTTP/1.1 or HTTP/1.0")
+    # RFC 9110 2.5: a higher minor version is processed as the highest one implemented.
+    version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
+    path = _request_target(method, target)
+    headers, hosts = {}, 0
+    for field_line in field_lines:
+        name, value = _field(field_line)
+        name, value = name.decode("ascii").lower(), value.decode("latin-1")
+        if name == "host":
+            hosts += 1
+            # RFC 9112 3.2: more than one Host, or an invalid one: 400.
+            if hosts > 1:
+                raise _bad("more than one Host header (RFC 9112 3.2)")
+            if not HOST.match(value.encode("latin-1")):
+                raise _bad("the Host header is not a host[:port] (RFC 9110 7.2)")
         if name in headers:
-            if name in ("content-length", "transfer-encoding", "host"):
-                raise RequestError(400, "bad_request", f"repeated {name} header")
-            value = f"{headers[name]}, {value}"
+            value = f"{headers[name]}, {value}"     # RFC 9110 5.3: combined as a list
         headers[name] = value
-    length = None
-    if "content-length" in headers:
-        text = headers["content-length"]
-        if not (text.isascii() and text.isdigit() and len(text) <= 18):
-            raise RequestError(400, "bad_request", "malformed Content-Length")
-        length = int(text)
-    chunked = "transfer-encoding" in headers
-    if chunked:
-        if headers["transfer-encoding"].lower() != "chunked" or version == "HTTP/1.0":
-            raise RequestError(400, "bad_request", "only Transfer-Encoding: chunked is understood")
+    if version == "HTTP/1.1" and not hosts:
+        raise _bad("an HTTP/1.1 request without a Host header (RFC 9112 3.2)")
+    length = _content_length(headers.get("content-length"), limit)
+    chunked = False
+    if "transfer-encoding" in headers:
+        chunked = _chunked(headers["transfer-encoding"], version)
+        # RFC 9112 6.3 (3): both is how requests are smuggled; refused, then closed.
         if length is not None:
-            raise RequestError(400, "bad_request", "both Content-Length and Transfer-Encoding")
-    if length is not None and length > limit:
-        raise RequestError(413, "too_large", f"body of {length} bytes is over the limit of {limit}")
-    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+            raise _bad("both Content-Length and Transfer-Encoding (RFC 9112 6.3)")
+    tokens = {token.lower() for token in _list(headers.get("connection", ""))}
+    # RFC 9112 9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 only with "keep-alive".
     keep_alive = "close" not in tokens and (version == "HTTP/1.1" or "keep-alive" in tokens)
-    expects = headers.get("expect", "").lower() == "100-continue" and version == "HTTP/1.1"
-    return _Head(method, target, version, headers, length, chunked, keep_alive, expects)
+    # RFC 9110 10.1.1: an HTTP/1.0 request's 100-continue expectation is ignored.
+    expects = (version == "HTTP/1.1"
+               and "100-continue" in (member.lower() for member in _list(headers.get("expect", ""))))
+    return Head(method.decode("ascii"), path, version, headers, length, chunked, keep_alive,
+                expects)
 
 
-def dechunk(data: bytes | bytearray, pos: int, limit: int) -> tuple[bytes, int] | None:
-    """The body of a chunked message at ``data[pos:]`` and where it ends; None while partial."""
-    pieces, total = [], 0
-    while True:
-        eol = data.find(b"\r\n", pos)
-        if eol < 0:
-            if len(data) - pos > 256:
-                raise RequestError(400, "bad_request", "malformed chunk size")
+def _content_length(value: str | None, limit: int) -> int | None:
+    """RFC 9110 8.6: Content-Length = 1*DIGIT; repeated identical values are one value, two
+    different ones are refused (RFC 9112 6.3 (5))."""
+    if value is None:
+        return None
+    members = [member.strip(" \t") for member in value.split(",")]
+    if not all(member.isascii() and member.isdigit() for member in members):
+        raise _bad("Content-Length is not a number of decimal digits (RFC 9110 8.6)")
+    if len(set(member.lstrip("0") for member in members)) > 1:
+        raise _bad("two different Content-Length values (RFC 9112 6.3)")
+    text = members[0].lstrip("0") or "0"
+    if len(text) > CONTENT_LENGTH_DIGITS or int(text) > limit:
+        raise RequestError(413, "too_large", f"a body of {text[:24]} bytes is over the limit "
+                           f"of {limit}")
+    return int(text)
+
+
+def _chunked(value: str, version: str) -> bool:
+    """Whether Transfer-Encoding is chunked, as the only coding (RFC 9112 6.1); anything the
+    body's length cannot be told from is 400, a coding sapid does not decode 501."""
+    if version == "HTTP/1.0":
+        raise _bad("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
+    codings = [member.split(";", 1)[0].strip(" \t").lower() for member in _list(value)]
+    if not codings or not all(TOKEN.match(coding.encode("latin-1")) for coding in codings):
+        raise _bad("malformed Transfer-Encoding (RFC 9112 6.1)")
+    if codings[-1] != "chunked":
+        raise _bad(f"Transfer-Encoding ends in {codings[-1][:40]!r}, not chunked: the body's "
+                   "length cannot be told (RFC 9112 6.1)")
+    if codings.count("chunked") > 1:
+        raise _bad("chunked applied more than once (RFC 9112 6.1)")
+    if len(codings) > 1:
+        # RFC 9112 6.1: a transfer coding the server does not understand: 501.
+        raise RequestError(501, "bad_request", f"Transfer-Encoding {codings[0][:40]!r} is not "
+                           "supported: send the body with Content-Length or chunked alone")
+    return True
+
+
+class RequestReader:
+    """One connection's bytes turned into requests, incrementally (RFC 9112).
+
+    The state is explicit: ``HEAD`` (looking for the empty line), then ``LENGTH``,
+    ``CHUNK_SIZE``, ``CHUNK_DATA``, ``CHUNK_END`` and ``TRAILERS`` for the body, then
+    ``DONE``.  Each call goes on from where the last one stopped, so every byte is examined a
+    bounded number of times whatever pieces it arrives in: a body costs time linear in its
+    size, however small its chunks.
+    """
+
+    HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILERS, DONE = (
+        "head", "length", "chunk-size", "chunk-data", "chunk-end", "trailers", "done")
+    COMPACT = 65536     # consumed bytes dropped from the front of the buffer past this
+
+    __slots__ = ("limit", "buffer", "state", "head", "_pos", "_scan", "_body", "_left",
+                 "_extensions", "_trailers")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.buffer = bytearray()
+        self._pos = 0
+        self._next()
+
+    def _next(self) -> None:
+        self.state, self.head, self._body = self.HEAD, None, None
+        self._scan = self._pos      # where the next search resumes
+        self._left = self._extensions = self._trailers = 0
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    def clear(self) -> None:
+        """Forget everything: after a refusal, nothing more is read."""
+        self.buffer.clear()
+        self._pos = 0
+        self._next()
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of a request not yet taken are here."""
+        return self._pos < len(self.buffer) or self.state != self.HEAD
+
+    @property
+    def pending_body(self) -> bool:
+        """Whether bytes past the head are here already (a client that did not wait)."""
+        return self._pos < len(self.buffer)
+
+    def read_head(self) -> Head | None:
+        """The head, once all of it is here; None until then."""
+        buffer, pos = self.buffer, self._pos
+        # RFC 9112 2.2: empty lines before the request line are ignored.
+        while buffer[pos:pos + 2] == b"\r\n":
+            pos += 2
+        self._pos = pos
+        start = max(pos, self._scan - 3)
+        end = buffer.find(b"\r\n\r\n", start, pos + MAX_HEAD_BYTES + 4)
+        # A bare LF or CR is refused as it arrives, not when the head ends (it may never).
+        stop = len(buffer) if end < 0 else end
+        if (match := BARE_CR_OR_LF.search(buffer, max(pos, self._scan - 1), stop)) is not None \
+                and match.end() < len(buffer):
+            raise _bare(match[0])
+        if end < 0:
+            if len(buffer) - pos > MAX_HEAD_BYTES:
+                raise RequestError(431, "too_large", f"request head over {MAX_HEAD_BYTES} bytes")
+            self._scan = len(buffer)
             return None
-        size_text = bytes(data[pos:eol]).split(b";", 1)[0].strip()
-        if not CHUNK_SIZE.match(size_text):
-            raise RequestError(400, "bad_request", "malformed chunk size")
-        size, pos = int(size_text, 16), eol + 2
-        if size == 0:
-            trailers = pos
-            while True:          # trailer fields, ignored, up to the empty line
-                eol = data.find(b"\r\n", pos, trailers + MAX_HEAD_BYTES + 2)
+        head = parse_head(bytes(buffer[pos:end]), self.limit)
+        self._pos = self._scan = end + 4
+        self.head = head
+        self._body = bytearray()
+        if head.chunked:
+            self.state = self.CHUNK_SIZE
+        elif head.length is not None:
+            self.state, self._left = self.LENGTH, head.length
+        else:
+            self.state, self._body = self.DONE, None
+        return head
+
+    def read_body(self) -> bool:
+        """Decode what has come of the body; True once it is whole."""
+        buffer, pos, state = self.buffer, self._pos, self.state
+        while state != self.DONE:
+            if state == self.LENGTH:             # taken whole, in one copy
+                if len(buffer) - pos < self._left:
+                    break
+                with memoryview(buffer) as view:
+                    self._body = bytes(view[pos:pos + self._left])
+                pos, state = pos + self._left, self.DONE
+            elif state == self.CHUNK_DATA:
+                take = min(self._left, len(buffer) - pos)
+                self._body += buffer[pos:pos + take]
+                pos, self._left = pos + take, self._left - take
+                if self._left:
+                    break
+                state = self.CHUNK_END
+            elif state == self.CHUNK_END:
+                if len(buffer) - pos < 2:
+                    break
+                if buffer[pos:pos + 2] != b"\r\n":
+                    raise _bad("a chunk's data is not followed by CRLF (RFC 9112 7.1)")
+                pos = self._scan = pos + 2
+                state = self.CHUNK_SIZE
+            elif state == self.CHUNK_SIZE:
+                eol = buffer.find(b"\r\n", max(pos, self._scan - 1), pos + MAX_CHUNK_LINE + 2)
                 if eol < 0:
-                    if len(data) - trailers > MAX_HEAD_BYTES:
-                        raise RequestError(431, "too_large",
-                                           f"trailer fields over {MAX_HEAD_BYTES} bytes")
-                    return None
+                    if len(buffer) - pos > MAX_CHUNK_LINE:
+                        raise _bad(f"a chunk line over {MAX_CHUNK_LINE} bytes (RFC 9112 7.1)")
+                    self._scan = len(buffer)
+                    break
+                size = self._chunk_size(bytes(buffer[pos:eol]))
+                pos = self._scan = eol + 2
+                if size == 0:
+                    self._trailers = pos
+                    state = self.TRAILERS
+                    continue
+                if len(self._body) + size > self.limit:
+                    raise RequestError(413, "too_large",
+                                       f"body is over the limit of {self.limit} bytes")
+                state, self._left = self.CHUNK_DATA, size
+            else:                                   # TRAILERS: field lines, then CRLF
+                eol = buffer.find(b"\r\n", max(pos, self._scan - 1))
+                if (len(buffer) if eol < 0 else eol) - self._trailers > MAX_HEAD_BYTES:
+                    raise RequestError(431, "too_large",
+                                       f"trailer fields over {MAX_HEAD_BYTES} bytes")
+                if eol < 0:
+                    self._scan = len(buffer)
+                    break
                 if eol == pos:
-                    return b"".join(pieces), eol + 2
-                pos = eol + 2
-        total += size
-        if total > limit:
-            raise RequestError(413, "too_large", f"body is over the limit of {limit} bytes")
-        if len(data) < pos + size + 2:
-            return None
-        if data[pos + size:pos + size + 2] != b"\r\n":
-            raise RequestError(400, "bad_request", "malformed chunk")
-        pieces.append(bytes(data[pos:pos + size]))
-        pos += size + 2
+                    state = self.DONE
+                else:       # RFC 9112 7.1.2: trailer fields, checked as fields, then ignored
+                    if (error := _line_end_error(bytes(buffer[pos:eol]))) is not None:
+                        raise error
+                    _field(bytes(buffer[pos:eol]))
+                pos = self._scan = eol + 2
+        self._pos, self.state = pos, state
+        return state == self.DONE
+
+    def _chunk_size(self, line: bytes) -> int:
+        if (match := CHUNK_LINE.match(line)) is None:
+            if (error := _line_end_error(line)) is not None:
+                raise error
+            raise _bad("malformed chunk line: chunk-size in hex, then ;name=value extensions "
+                       "(RFC 9112 7.1)")
+        digits, extensions = match.groups()
+        if len(digits.lstrip(b"0")) > CHUNK_SIZE_DIGITS:
+            raise _bad("a chunk size over 64 bits (RFC 9112 7.1)")
+        self._extensions += len(extensions)
+        if self._extensions > MAX_HEAD_BYTES:
+            raise RequestError(413, "too_large", f"chunk extensions over {MAX_HEAD_BYTES} bytes")
+        return int(digits, 16)
+
+    def take(self) -> tuple[Head, bytes | None]:
+        """The whole request read; the reader is ready for the next one behind it."""
+        head, body = self.head, self._body
+        if self._pos >= len(self.buffer):
+            self.buffer.clear()
+            self._pos = 0
+        elif self._pos > self.COMPACT:
+            del self.buffer[:self._pos]
+            self._pos = 0
+        self._next()
+        return head, body if body is None or isinstance(body, bytes) else bytes(body)
 
 
 class _HttpDate:
@@ -2151,33 +2418,34 @@ class SigningHandler:
         return error_response(RequestError(500, "internal_error",
                                            "internal error; the CA's log has the details"))
 
-    def _route(self, request: Request, then) -> Response | None:
+    def refusal(self, head: Head) -> RequestError | None:
+        """What the head alone refuses, so that its body need not be read (RFC 9110 10.1.1:
+        the final answer to an ``Expect: 100-continue`` request, instead of 100)."""
+        try:
+            self._check(head)
+        except RequestError as e:
+            return e
+        return None
+
+    def _check(self, request: Head | Request) -> str:
+        """The resource a request's head names, once its method and headers are fit for it;
+        RequestError otherwise.  The same checks for a head and a whole request."""
         path = request.path.split("?", 1)[0]
         if path.startswith("/api/csr/"):
-            return self._sign(request, path[9:], then)
-        if path == "/api/ca":
+            self._check_signing(request, path[9:])
+            return "/api/csr/"
+        if path in ("/api/ca", "/api/health"):
             _allow(request, ("GET", "HEAD"))
-            return Response(200, self.server.authority.ca_pem,
-                            "application/pem-certificate-chain")
-        if path == "/api/health":
-            _allow(request, ("GET", "HEAD"))
-            if self.server.stopping:
-                return json_response(503, {"status": "stopping"})
-            authority = self.server.authority
-            return json_response(200, {
-                "status": "ok", "version": __version__,
-                "ca_subject": subject_text(authority.identity.certificate.subject),
-                "certificates_issued": authority.records.count if authority.records else 0})
+            return path
         raise RequestError(404, "not_found", f"no such resource: {path[:100]}")
 
-    def _sign(self, request: Request, client_id: str, then) -> Response | None:
-        _allow(request, ("PUT", "POST"))
-        authority = self.server.authority
+    def _check_signing(self, request: Head | Request, client_id: str) -> None:
         try:
+            _allow(request, ("PUT", "POST"))
             if not CLIENT_ID.match(client_id):
                 raise RequestError(400, "bad_client_id",
                                    "client id must be 1 to 128 letters and digits")
-            if request.body is None:
+            if not request.framed:
                 raise RequestError(411, "length_required", "send the CSR with a Content-Length")
             media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if media and media not in CSR_MEDIA_TYPES:
@@ -2186,8 +2454,27 @@ class SigningHandler:
             if self.server.stopping:
                 raise RequestError(503, "shutting_down", "the CA is shutting down; retry shortly")
         except RequestError as e:
-            audit("refused", client_id[:128], None, None, None, e.code, e.message)
+            if e.code != "method_not_allowed":
+                audit("refused", client_id[:128], None, None, None, e.code, e.message)
             raise
+
+    def _route(self, request: Request, then) -> Response | None:
+        resource = self._check(request)
+        if resource == "/api/csr/":
+            return self._sign(request, request.path.split("?", 1)[0][9:], then)
+        if resource == "/api/ca":
+            return Response(200, self.server.authority.ca_pem,
+                            "application/pem-certificate-chain")
+        if self.server.stopping:
+            return json_response(503, {"status": "stopping"})
+        authority = self.server.authority
+        return json_response(200, {
+            "status": "ok", "version": __version__,
+            "ca_subject": subject_text(authority.identity.certificate.subject),
+            "certificates_issued": authority.records.count if authority.records else 0})
+
+    def _sign(self, request: Request, client_id: str, then) -> Response | None:
+        authority = self.server.authority
         if then is not None and not authority.per_request_hooks:
             def recorded(issued, error):
                 try:
@@ -2224,7 +2511,7 @@ class SigningHandler:
         return Headers({k: v for k, v in headers.items() if not k.startswith(PROXY_HEADER_PREFIXES)})
 
 
-def _allow(request: Request, methods: tuple) -> None:
+def _allow(request: Head | Request, methods: tuple) -> None:
     if request.method not in methods:
         raise RequestError(405, "method_not_allowed", f"{request.method[:20]} not allowed here; "
                            f"use {' or '.join(methods)}", (("Allow", ", ".join(methods)),))
@@ -2234,15 +2521,13 @@ class Connection:
     """One client connection. Owned by the reception thread while it waits for a request, by
     one worker while its request is answered: one-shot epoll events keep the two apart."""
 
-    __slots__ = ("sock", "fd", "peer", "buffer", "deadline", "started", "head", "head_end",
-                 "continued", "lingering", "busy", "outbox", "keep")
+    __slots__ = ("sock", "fd", "peer", "reader", "deadline", "started", "lingering", "busy",
+                 "outbox", "keep")
 
-    def __init__(self, sock: socket.socket, peer, deadline: float):
+    def __init__(self, sock: socket.socket, peer, deadline: float, limit: int):
         self.sock, self.fd, self.peer, self.deadline = sock, sock.fileno(), peer, deadline
-        self.buffer = bytearray()
-        self.started = self.continued = self.lingering = self.busy = self.keep = False
-        self.head = None
-        self.head_end = 0
+        self.reader = RequestReader(limit)
+        self.started = self.lingering = self.busy = self.keep = False
         self.outbox = b""     # the rest of an answer the client has not taken yet
 
 
@@ -2364,7 +2649,7 @@ class SigningServer:
         for conn in list(self._connections.values()):
             if conn.busy or conn.outbox:
                 continue         # its answer is on its way; closed after that
-            if conn.started and not conn.lingering and (conn.buffer or conn.head is not None):
+            if conn.started and not conn.lingering and conn.reader.pending:
                 self._reject(conn, RequestError(503, "shutting_down", "the CA is shutting down"))
             self._close(conn)
 
@@ -2405,7 +2690,8 @@ class SigningServer:
                 with contextlib.suppress(OSError):
                     peer = struct.unpack("3i", sock.getsockopt(
                         socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-            conn = Connection(sock, peer, now + self.authority.config.request_timeout)
+            config = self.authority.config
+            conn = Connection(sock, peer, now + config.request_timeout, config.max_request_bytes)
             self._connections[conn.fd] = conn
             if self.balance is not None:
                 self.balance.update(len(self._connections))
@@ -2428,7 +2714,7 @@ class SigningServer:
         if not conn.started:
             conn.started = True
             conn.deadline = time.monotonic() + self.authority.config.request_timeout
-        conn.buffer += data
+        conn.reader.feed(data)
         if (request := self._advance(conn)) is not None:
             self._handle(conn, request)
         else:
@@ -2441,57 +2727,40 @@ class SigningServer:
             pass    # closed meanwhile
 
     def _advance(self, conn: Connection) -> Request | None:
-        """The next whole request in the connection's buffer, or None while it is partial (or
+        """The next whole request in the connection's bytes, or None while it is partial (or
         refused: then the connection lingers to be closed)."""
-        config = self.authority.config
-        buffer = conn.buffer
+        reader = conn.reader
         try:
-            if conn.head is None:
-                while buffer[:2] == b"\r\n":      # RFC 9112 2.2: ignore stray empty lines
-                    del buffer[:2]
-                end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
-                if end < 0:
-                    if len(buffer) > MAX_HEAD_BYTES:
-                        raise RequestError(431, "too_large",
-                                           f"request head over {MAX_HEAD_BYTES} bytes")
-                    return None      # stray empty lines do not restart the clock
-                conn.head = parse_head(bytes(buffer[:end]), config.max_request_bytes)
-                conn.head_end = end + 4
-            head = conn.head
-            if head.chunked:
-                done = dechunk(buffer, conn.head_end, config.max_request_bytes)
-                if done is None:
-                    self._continue(conn)
+            if reader.head is None:
+                if (head := reader.read_head()) is None:
                     return None
-                body, consumed = done
-            elif head.length is not None:
-                consumed = conn.head_end + head.length
-                if len(buffer) < consumed:
-                    self._continue(conn)
+                if not reader.read_body():
+                    # RFC 9110 10.1.1: a request the head already refuses is answered now,
+                    # its body unread; one that may go on is told to send its body.
+                    if (refusal := self.handler.refusal(head)) is not None:
+                        self._reject(conn, refusal)
+                        return None
+                    if head.expects_continue and not reader.pending_body:
+                        with contextlib.suppress(OSError):
+                            conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
                     return None
-                body = bytes(buffer[conn.head_end:consumed])
-            else:
-                body, consumed = None, conn.head_end
+            elif not reader.read_body():
+                return None
         except RequestError as e:
             self._reject(conn, e)
             return None
-        del buffer[:consumed]
-        conn.head, conn.continued, conn.busy = None, False, True
+        head, body = reader.take()
+        conn.busy = True
         return Request(head.method, head.path, head.version, head.headers, body, conn.peer,
                        head.keep_alive)
-
-    def _continue(self, conn: Connection) -> None:
-        if conn.head.expects_continue and not conn.continued:
-            conn.continued = True
-            with contextlib.suppress(OSError):
-                conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _reject(self, conn: Connection, error: RequestError) -> None:
         """Answer an unreadable request; the connection lingers, draining what the client still
         sends, until it closes or two seconds pass."""
         log.info("refused a request: %s", error.message)
         data = encode_response(error_response(error), False, True, "HTTP/1.1")
-        conn.lingering, conn.buffer, conn.head = True, bytearray(), None
+        conn.lingering = True
+        conn.reader.clear()
         conn.deadline = time.monotonic() + 2.0
         try:
             conn.sock.send(data)
@@ -2503,8 +2772,7 @@ class SigningServer:
         for conn in list(self._connections.values()):
             if conn.busy or now < conn.deadline:
                 continue
-            if conn.started and not conn.lingering and not conn.outbox and (
-                    conn.buffer or conn.head is not None):
+            if conn.started and not conn.lingering and not conn.outbox and conn.reader.pending:
                 self._reject(conn, RequestError(408, "request_timeout",
                                                 "the request did not arrive in time"))
                 self._rearm(conn)
@@ -2563,7 +2831,7 @@ class SigningServer:
                                                                        request))
             if response is None or not self._deliver(conn, request, response):
                 return
-            request = self._advance(conn) if conn.buffer else None
+            request = self._advance(conn) if conn.reader.pending else None
         conn.busy = False
         self._rearm(conn)
 
@@ -2572,7 +2840,7 @@ class SigningServer:
         while request is not None:
             if not self._deliver(conn, request, self.handler.respond(request)):
                 return
-            request = self._advance(conn) if conn.buffer else None
+            request = self._advance(conn) if conn.reader.pending else None
         conn.busy = False
         self._rearm(conn)
 
@@ -2580,7 +2848,7 @@ class SigningServer:
         """The answer of a signing whose record is now durable (reception thread)."""
         try:
             if self._deliver(conn, request, response):
-                self._handle(conn, self._advance(conn) if conn.buffer else None)
+                self._handle(conn, self._advance(conn) if conn.reader.pending else None)
         except Exception:
             log.exception("internal error answering %s %s", request.method, request.path[:200])
             self._close(conn)          # never a connection left waiting for nothing
@@ -2604,7 +2872,7 @@ class SigningServer:
         if not keep:
             self._release(conn)
             return False
-        conn.started = bool(conn.buffer)
+        conn.started = conn.reader.pending
         return True
 
     def _release(self, conn: Connection) -> None:
@@ -2632,9 +2900,9 @@ class SigningServer:
             self._close(conn)
         else:
             conn.outbox = b""
-            conn.started = bool(conn.buffer)
+            conn.started = conn.reader.pending
             conn.deadline = time.monotonic() + self.authority.config.request_timeout
-            if conn.buffer and (request := self._advance(conn)) is not None:
+            if conn.reader.pending and (request := self._advance(conn)) is not None:
                 self._handle(conn, request)
             else:
                 self._rearm(conn)

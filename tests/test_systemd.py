@@ -228,7 +228,7 @@ def test_stop_finishes_requests_in_flight(daemon_factory, tmp_path, sig):
     with pytest.raises(OSError):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
             late.connect(daemon.socket)
-            late.sendall(b"GET /api/health HTTP/1.1\r\n\r\n")
+            late.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
             if not late.recv(100):
                 raise ConnectionResetError("closed")
     client.join(20)
