@@ -477,7 +477,7 @@ def signature_hash(key):
     return hashes.SHA256()
 
 
-# RFC 5280 4.1.2.5: UTCTime covers 1950 to 2049; X.509 has no encoding for earlier times.
+# RFC 5280 4.1.2.5: validity dates through 2049 are UTCTime, whose years start at 1950.
 EARLIEST_TIME = datetime.datetime(1950, 1, 1, tzinfo=datetime.timezone.utc)
 
 
@@ -554,18 +554,16 @@ def parse_csr(body: bytes) -> x509.CertificateSigningRequest:
     content.  Every refusal says in words what is wrong; the parser's own words go to the log."""
     if not body.strip():
         raise RequestError(400, "not_a_csr", "empty body: send a PKCS#10 CSR in PEM or DER")
-    labels = PEM_BEGIN.findall(body)
-    if not labels:
+    begins = list(PEM_BEGIN.finditer(body))
+    if not begins:
         return _parse_csr_der(body, "")
-    if len(labels) > 1:
-        raise _not_a_csr(f"the body holds {len(labels)} PEM blocks: send one CSR")
-    label = labels[0]
+    if len(begins) > 1:
+        raise _not_a_csr(f"the body holds {len(begins)} PEM blocks: send one CSR")
+    label, start = begins[0][1], begins[0].end()
     if label not in CSR_LABELS:
         kind = PEM_KINDS.get(label, f"a PEM block labelled {label[:40].decode()!r}")
         raise _not_a_csr(f"{kind}, not a certificate request: send the CSR "
                          "(-----BEGIN CERTIFICATE REQUEST-----)")
-    begin = body.index(b"-----BEGIN " + label + b"-----")
-    start = begin + len(label) + 16
     end = body.find(b"-----END " + label + b"-----", start)
     if end < 0:
         raise _not_a_csr("truncated PEM: the block has no END line")
@@ -600,11 +598,10 @@ def _parse_csr_der(der: bytes, where: str) -> x509.CertificateSigningRequest:
         detail = _one_line(e)
     try:
         x509.load_der_x509_certificate(der)
-        raise _not_a_csr(f"{where}a certificate, not a certificate request: send the CSR")
     except (ValueError, x509.InvalidVersion):
-        pass
-    log.info("a CSR refused as malformed: %s", detail)
-    raise _not_a_csr(f"{where}its DER is not a CertificationRequest (RFC 2986)")
+        log.info("a CSR refused as malformed: %s", detail)
+        raise _not_a_csr(f"{where}its DER is not a CertificationRequest (RFC 2986)") from None
+    raise _not_a_csr(f"{where}a certificate, not a certificate request: send the CSR")
 
 
 EXTENSION_REQUEST_OIDS = (_der_oid("1.2.840.113549.1.9.14"), _der_oid("1.3.6.1.4.1.311.2.1.14"))
@@ -2101,8 +2098,7 @@ def _field(line: bytes) -> tuple[bytes, bytes]:
         raise _bad("a header name that is not a token (RFC 9110 5.1)")
     value = value.strip(b" \t")
     if not FIELD_VALUE.match(value):
-        what = ("NUL" if b"\0" in value else "CR" if b"\r" in value else "LF" if b"\n" in value
-                else "a control character")
+        what = "NUL" if b"\0" in value else "a control character"
         raise _bad(f"{what} in the value of header {name[:40].decode()} (RFC 9110 5.5)")
     return name, value
 
@@ -2131,21 +2127,21 @@ def parse_head(raw: bytes, limit: int) -> Head:
     # RFC 9110 2.5: a higher minor version is processed as the highest one implemented.
     version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
     path = _request_target(method, target)
-    headers, hosts = {}, 0
+    headers = {}
     for field_line in field_lines:
         name, value = _field(field_line)
-        name, value = name.decode("ascii").lower(), value.decode("latin-1")
+        name = name.decode("ascii").lower()
         if name == "host":
-            hosts += 1
             # RFC 9112 3.2: more than one Host, or an invalid one: 400.
-            if hosts > 1:
+            if name in headers:
                 raise _bad("more than one Host header (RFC 9112 3.2)")
-            if not HOST.match(value.encode("latin-1")):
+            if not HOST.match(value):
                 raise _bad("the Host header is not a host[:port] (RFC 9110 7.2)")
+        value = value.decode("latin-1")
         if name in headers:
             value = f"{headers[name]}, {value}"     # RFC 9110 5.3: combined as a list
         headers[name] = value
-    if version == "HTTP/1.1" and not hosts:
+    if version == "HTTP/1.1" and "host" not in headers:
         raise _bad("an HTTP/1.1 request without a Host header (RFC 9112 3.2)")
     length = _content_length(headers.get("content-length"), limit)
     chunked = False
@@ -2257,12 +2253,12 @@ class RequestReader:
         self._pos = pos
         start = max(pos, self._scan - 3)
         end = buffer.find(b"\r\n\r\n", start, pos + MAX_HEAD_BYTES + 4)
-        # A bare LF or CR is refused as it arrives, not when the head ends (it may never).
-        stop = len(buffer) if end < 0 else end
-        if (match := BARE_CR_OR_LF.search(buffer, max(pos, self._scan - 1), stop)) is not None \
-                and match.end() < len(buffer):
-            raise _bare(match[0])
         if end < 0:
+            # A bare LF or CR is refused as it arrives, not when the head ends (it may never);
+            # a CR at the very end may still get its LF.  parse_head checks a whole head.
+            match = BARE_CR_OR_LF.search(buffer, max(pos, self._scan - 1))
+            if match is not None and match.end() < len(buffer):
+                raise _bare(match[0])
             if len(buffer) - pos > MAX_HEAD_BYTES:
                 raise RequestError(431, "too_large", f"request head over {MAX_HEAD_BYTES} bytes")
             self._scan = len(buffer)
@@ -2270,13 +2266,12 @@ class RequestReader:
         head = parse_head(bytes(buffer[pos:end]), self.limit)
         self._pos = self._scan = end + 4
         self.head = head
-        self._body = bytearray()
         if head.chunked:
-            self.state = self.CHUNK_SIZE
+            self.state, self._body = self.CHUNK_SIZE, bytearray()
         elif head.length is not None:
             self.state, self._left = self.LENGTH, head.length
         else:
-            self.state, self._body = self.DONE, None
+            self.state = self.DONE
         return head
 
     def read_body(self) -> bool:
@@ -2329,7 +2324,7 @@ class RequestReader:
                     self._scan = len(buffer)
                     break
                 if eol == pos:
-                    state = self.DONE
+                    state, self._body = self.DONE, bytes(self._body)
                 else:       # RFC 9112 7.1.2: trailer fields, checked as fields, then ignored
                     if (error := _line_end_error(bytes(buffer[pos:eol]))) is not None:
                         raise error
@@ -2362,7 +2357,7 @@ class RequestReader:
             del self.buffer[:self._pos]
             self._pos = 0
         self._next()
-        return head, body if body is None or isinstance(body, bytes) else bytes(body)
+        return head, body
 
 
 class _HttpDate:
@@ -2428,12 +2423,12 @@ class SigningHandler:
         return None
 
     def _check(self, request: Head | Request) -> str:
-        """The resource a request's head names, once its method and headers are fit for it;
-        RequestError otherwise.  The same checks for a head and a whole request."""
+        """The path (without query) a request's head names, once its method and headers are
+        fit for it; RequestError otherwise.  The same checks for a head and a whole request."""
         path = request.path.split("?", 1)[0]
         if path.startswith("/api/csr/"):
             self._check_signing(request, path[9:])
-            return "/api/csr/"
+            return path
         if path in ("/api/ca", "/api/health"):
             _allow(request, ("GET", "HEAD"))
             return path
@@ -2459,10 +2454,10 @@ class SigningHandler:
             raise
 
     def _route(self, request: Request, then) -> Response | None:
-        resource = self._check(request)
-        if resource == "/api/csr/":
-            return self._sign(request, request.path.split("?", 1)[0][9:], then)
-        if resource == "/api/ca":
+        path = self._check(request)
+        if path.startswith("/api/csr/"):
+            return self._sign(request, path[9:], then)
+        if path == "/api/ca":
             return Response(200, self.server.authority.ca_pem,
                             "application/pem-certificate-chain")
         if self.server.stopping:
