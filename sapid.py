@@ -24,8 +24,6 @@ import dataclasses
 import datetime
 import difflib
 import errno
-import fcntl
-import functools
 import getpass
 import grp
 import hashlib
@@ -44,6 +42,7 @@ import secrets
 import select
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
@@ -184,6 +183,13 @@ def _bounded(kind, low, high):
     return parse
 
 
+def _store_uri(value: str) -> str:
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f"{value!r}: a postgresql:// URI, or unset for SQLite in the state "
+                         "folder")
+    return value
+
+
 # key -> parser; the order is that of sapid.conf(5).
 CONFIG_KEYS = {
     "identity": str,
@@ -199,6 +205,7 @@ CONFIG_KEYS = {
     "hook_timeout": _bounded(float, 0.1, 3600),
     "trusted_proxy": _yes_no,
     "strict_files": _yes_no,
+    "store": _store_uri,
 }
 PATH_KEYS = ("identity", "state", "hooks", "socket")
 
@@ -221,6 +228,7 @@ class Config:
     hook_timeout: float = 30.0
     trusted_proxy: bool = False
     strict_files: bool = True
+    store: str = ""                 # "": SQLite in ``state``; or a postgresql:// URI
 
     @classmethod
     def load(cls, path: str | None = None) -> Config:
@@ -1236,397 +1244,724 @@ def _check_ca_certificate(certificate: x509.Certificate, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Issued records: nothing signed is lost
+# The store: every certificate signed, committed before its answer leaves
 # ---------------------------------------------------------------------------------------------
 
-JOURNAL_FILE = "issued.pem"
-WORKER_SLOTS = 65      # the process itself and up to 64 workers
-INDEX_FOLDER = "issued"
-UNJOURNALED_FOLDER = "unjournaled"
-CLEAN_FILE = "issued.clean"    # left by a clean stop: the records as they were then
-RECOVERY_CHUNK = 1 << 20
-# Byte-range locks on the journal (fcntl, so per process, and dropped when the process closes
-# any descriptor of the file): every append, and the start-up check, holds the first byte; every
-# process that has the records open shares the second, so a check can tell it is alone.
-WRITE_LOCK, USERS_LOCK = 0, 1
+STORE_FILE = "sapid.db"
+# How long a commit waits for another writer (a worker, ``sapid sign``, an operator's sqlite3)
+# to let go of an SQLite store before it fails with store_failed.
+STORE_BUSY_SECONDS = 5.0
+# Rows per INSERT: 9 values each stays far below SQLite's 32,766 bound parameters.
+INSERT_ROWS = 500
+# libpq settings a URI may override: a PostgreSQL that is gone fails a commit in seconds,
+# not after the kernel's TCP timeouts of a quarter of an hour.
+# A commit that waits on another session's lock fails as an SQLite one does, after 5 s.
+POSTGRES_DEFAULTS = {"connect_timeout": "5", "keepalives_idle": "10", "keepalives_interval": "3",
+                     "keepalives_count": "3", "tcp_user_timeout": "15000",
+                     "options": "-c lock_timeout=5000 -c statement_timeout=30000"}
+# The store of a fleet is created once: hosts starting together take this lock to migrate it.
+POSTGRES_MIGRATION_LOCK = 0x5A91D
+# Files of sapid 0.1, imported into the store once.
+LEGACY_JOURNAL, LEGACY_INDEX, LEGACY_ASIDE = "issued.pem", "issued", "unjournaled"
+LEGACY_HEADER = re.compile(rb"# serial ([0-9A-F]+) client ([A-Za-z0-9]*) at (\S+)\n")
+IMPORT_ROWS = 5000
 PEM_END = b"-----END CERTIFICATE-----\n"
 
+# The schema, in one place: the statements of entry N bring a store from version N to N + 1.
+# {time}, {blob} and {int} are TEXT (ISO 8601, which sorts as time does), BLOB and INTEGER in
+# SQLite, TIMESTAMPTZ, BYTEA and BIGINT in PostgreSQL.  Serials are the API's upper-case hex.
+MIGRATIONS = (
+    (
+        "CREATE TABLE certificates ("
+        " serial TEXT PRIMARY KEY,"
+        " client_id TEXT NOT NULL,"
+        " subject TEXT NOT NULL,"                  # RFC 4514
+        " sans TEXT NOT NULL,"                     # JSON list: ["DNS:a.example", "IP:10.0.0.1"]
+        " not_before {time} NOT NULL,"
+        " not_after {time} NOT NULL,"
+        " sha256 TEXT NOT NULL,"                   # lower-case hex over the DER
+        " der {blob} NOT NULL,"
+        " issued_at {time} NOT NULL,"
+        " revoked_at {time},"
+        " revocation_reason TEXT)",
+        "CREATE INDEX certificates_by_client ON certificates (client_id)",
+        "CREATE INDEX certificates_by_not_after ON certificates (not_after)",
+        "CREATE INDEX certificates_revoked ON certificates (revoked_at)"
+        " WHERE revoked_at IS NOT NULL",
+        # Certificates added, per writing process: counting them is a sum over a few rows, not
+        # a scan of the store, and no two hosts update one row.
+        "CREATE TABLE tally (writer TEXT PRIMARY KEY, issued {int} NOT NULL)",
+    ),
+)
+COLUMNS = ("serial", "client_id", "subject", "sans", "not_before", "not_after", "sha256", "der",
+           "issued_at", "revoked_at", "revocation_reason")
+NEW_COLUMNS = COLUMNS[:9]       # what an issuance writes
 
-class _Batch:
-    __slots__ = ("done", "error", "records", "waiting")
 
-    def __init__(self):
-        self.records, self.done, self.error = [], False, None
-        self.waiting = []      # (serial, callback) of the records added with add_later
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One issued certificate as the store keeps it."""
 
+    serial: str
+    client_id: str
+    subject: str
+    sans: tuple
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    sha256: str
+    der: bytes
+    issued_at: datetime.datetime
+    revoked_at: datetime.datetime | None = None
+    revocation_reason: str | None = None
 
-class Records:
-    """``<state>/issued.pem``, an append-only journal fsync'd before any reply (one fsync shared
-    by the issuances waiting for it), and ``<state>/issued/<SERIAL>.pem``, an index rebuilt from
-    the journal at start.  A clean stop leaves ``<state>/issued.clean``: when the journal and
-    the index folder are as it says at the next start, the check is skipped, so that starting
-    does not take longer, nor the daemon more memory, with every certificate the CA issues."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.index = os.path.join(folder, INDEX_FOLDER)
-        self.journal = os.path.join(folder, JOURNAL_FILE)
+    @classmethod
+    def of(cls, certificate: x509.Certificate, der: bytes, client_id: str,
+           issued_at: datetime.datetime | None = None) -> Record:
         try:
-            os.makedirs(folder, mode=0o750, exist_ok=True)
-            os.makedirs(self.index, mode=0o750, exist_ok=True)
-            # O_DSYNC: each write returns once durable, as if fdatasync followed it.
-            self._fd = os.open(self.journal, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-                               | os.O_DSYNC,
-                               0o640)
-        except OSError as e:
-            raise ConfigError(f"{e.filename or folder}: cannot open the issued records: "
-                              f"{e.strerror}") from None
-        self._lock = threading.Condition(threading.Lock())
-        self._open = _Batch()
-        self._flushing = False
-        self._committer = None    # pid of the process whose committing thread runs
-        self._completed = collections.deque()   # ([(serial, then)], error) of synced batches
-        self.wake = lambda: None  # tells whoever calls run_completed that there is work
-        # Certificates, then journal bytes, recorded by each process (slot 0 alone, or 1.. for
-        # forked workers), in memory that forked workers share, so that each can tell the total.
-        self._shared = mmap.mmap(-1, 16 * WORKER_SLOTS)
-        self.slot = 0
-        self._recovered, self._size = self._recover()
+            names = certificate.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            names = ()
+        return cls(serial_hex(certificate.serial_number), client_id,
+                   certificate.subject.rfc4514_string(), tuple(map(san_text, names)),
+                   certificate.not_valid_before_utc, certificate.not_valid_after_utc,
+                   hashlib.sha256(der).hexdigest(), der, issued_at or utcnow())
 
-    def _lock_byte(self, what: int, which: int, wait: bool = True) -> bool:
-        """Take (or with LOCK_UN release) one of the journal's byte-range locks; False when
-        ``wait`` is off and another process holds it."""
-        try:
-            fcntl.lockf(self._fd, what if wait else what | fcntl.LOCK_NB, 1, which)
-        except (BlockingIOError, PermissionError):
-            return False
-        return True
+    def status(self, now: datetime.datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.not_after < now else "valid"
 
-    def _alone(self) -> bool:
-        """Whether no other process has these records open: then a file in the index that the
-        journal lacks cannot be one whose record is still being written."""
-        alone = self._lock_byte(fcntl.LOCK_EX, USERS_LOCK, wait=False)
-        self._lock_byte(fcntl.LOCK_SH, USERS_LOCK)
-        return alone
+    def document(self, now: datetime.datetime) -> dict:
+        """What ``sapid list --json`` and ``sapid show --json`` print of it."""
+        return {"serial": self.serial, "client_id": self.client_id, "subject": self.subject,
+                "sans": list(self.sans), "not_before": iso_time(self.not_before),
+                "not_after": iso_time(self.not_after), "sha256_fingerprint": self.sha256,
+                "issued_at": iso_time(self.issued_at), "status": self.status(now),
+                "revoked_at": self.revoked_at and iso_time(self.revoked_at),
+                "revocation_reason": self.revocation_reason}
 
-    def _recorded(self, offset: int) -> int:
-        """This process's and its workers' certificates (offset 0) or journal bytes (the
-        other half) recorded since start."""
-        return sum(struct.unpack_from(f"{WORKER_SLOTS}Q", self._shared, offset))
 
-    @property
-    def count(self) -> int:
-        """Certificates in the journal: found at start plus recorded since, by every worker."""
-        return self._recovered + self._recorded(0)
+SAN_PREFIXES = {x509.DNSName: "DNS", x509.IPAddress: "IP", x509.RFC822Name: "email",
+                x509.UniformResourceIdentifier: "URI"}
 
-    def _recover(self) -> tuple[int, int]:
-        """Cut a torn last record, drop temporary files, restore missing index files, unless
-        a clean stop left the records as they are now; the number of certificates and the
-        journal's size.  No append runs meanwhile, from this process or any other."""
-        self._lock_byte(fcntl.LOCK_SH, USERS_LOCK)
-        self._lock_byte(fcntl.LOCK_EX, WRITE_LOCK)
-        try:
-            alone = self._alone()
-            count = self._clean_count()
-            self.found_clean = count is not None
-            if count is not None:
-                log.info("%s: %d certificates, unchanged since a clean stop", self.journal, count)
-                return count, os.fstat(self._fd).st_size
-            return self._check(alone)
-        finally:
-            self._lock_byte(fcntl.LOCK_UN, WRITE_LOCK)
 
-    def _check(self, alone: bool) -> tuple[int, int]:
-        present = set()
-        for name in os.listdir(self.index):
-            if not name.endswith(".tmp"):
-                present.add(name)
-            elif alone:                  # else it may be another process's, being written
-                os.unlink(os.path.join(self.index, name))
-        journaled, records = set(), 0
-        end = 0                             # where the last whole record ends
-        rest = b""
-        # Read through the descriptor: closing another one would drop this process's locks.
-        while chunk := os.pread(self._fd, RECOVERY_CHUNK, end + len(rest)):
-            rest += chunk                   # a piece at a time: memory stays small
-            cut = rest.rfind(PEM_END) + len(PEM_END) if PEM_END in rest else 0
-            for record in rest[:cut].split(b"# serial ")[1:]:
-                serial = record.split(b" ", 1)[0].split(b"\n", 1)[0].decode("ascii", "replace")
-                journaled.add(f"{serial}.pem")
-                records += 1
-                if f"{serial}.pem" not in present and re.fullmatch(r"[0-9A-F]+", serial):
-                    self._write_index(serial, record[record.find(b"-----BEGIN"):])
-                    log.info("restored %s/%s.pem from the journal", self.index, serial)
-            end, rest = end + cut, rest[cut:]
-        if rest:        # no append is under way (the write lock is held): this one failed
-            log.warning("%s: dropping %d bytes of an unfinished record", self.journal, len(rest))
-            os.ftruncate(self._fd, end)
-        strays = sorted(present - journaled)
-        if strays and not alone:
-            log.info("%s: %d index files without a journal record, maybe still being written "
-                     "by another process, left for a start that has the records to itself",
-                     self.index, len(strays))
-            strays = []
-        # Written just before a crash whose journal append never happened: signed, but never
-        # returned to anyone. Kept aside: the index holds only what the journal holds.
-        aside = os.path.join(self.folder, UNJOURNALED_FOLDER)
-        for name in strays:
-            os.makedirs(aside, mode=0o750, exist_ok=True)
-            os.replace(os.path.join(self.index, name), os.path.join(aside, name))
-            log.warning("%s/%s was signed but not journaled before a crash, so never returned; "
-                        "moved to %s", self.index, name, aside)
-        log.info("%s: %d certificates, checked against %s", self.journal, records, self.index)
-        return records, end
+def san_text(name: x509.GeneralName) -> str:
+    """``DNS:a.example``, as openssl prints a subjectAltName entry."""
+    return f"{SAN_PREFIXES.get(type(name), type(name).__name__)}:{name.value}"
 
-    def _looks(self) -> list[int]:
-        """What a clean stop notes of the journal and the index folder: adding or removing a
-        record or an index file changes it."""
-        journal, index = os.fstat(self._fd), os.stat(self.index)
-        return [journal.st_ino, journal.st_size, journal.st_mtime_ns, index.st_ino,
-                index.st_mtime_ns]
 
-    def _clean_count(self) -> int | None:
-        """The count a clean stop left, if the records still look as it saw them.  The note is
-        used up: from here on only another clean stop vouches for the records."""
-        path = os.path.join(self.folder, CLEAN_FILE)
-        try:
-            with open(path) as file:
-                note = json.load(file)
-            os.unlink(path)
-            _fsync_folder(self.folder)       # no note may outlive this start in a crash
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            log.warning("%s: %s; checking every record", path, getattr(e, "strerror", e))
-            return None
-        count = note.get("certificates") if isinstance(note, dict) else None
-        if (type(count) is not int or count < 0 or note.get("looks") != self._looks()):
-            return None
-        return count
+class Store:
+    """The issued certificates, behind one interface: ``add`` a batch in one transaction,
+    ``get`` by serial, ``select`` by client or expiry, ``count``.  ``SQLiteStore`` and
+    ``PostgresStore`` differ in how they connect and in a few words of SQL.
 
-    def close(self, clean: bool = False) -> None:
-        """Close the journal; with ``clean`` (a stop after every signing was answered, and no
-        worker died), note how the records look, if they are as this process made them: no
-        write of its own under way, no other process using them, the journal as long as what
-        was found plus what was written, and an index file for each record and nothing else."""
-        with self._lock:
-            settled = not (self._flushing or self._open.records or self._completed)
-        if clean and not settled:
-            log.info("%s: a write was under way at the stop", self.journal)
-        elif clean and not self._alone():
-            log.info("%s: another process is using the records", self.journal)
-        elif clean and not self._as_made():
-            log.warning("%s: the records changed besides this process's writes; the next "
-                        "start checks every record", self.folder)
-        elif clean:
-            path = os.path.join(self.folder, CLEAN_FILE)
-            try:
-                _syncfs(self._fd)   # the index files durable before the note that vouches
-                note = json.dumps({"certificates": self.count, "looks": self._looks()})
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{path}.tmp")
-                _create_file(f"{path}.tmp", note.encode(), 0o640)
-                os.replace(f"{path}.tmp", path)
-                _fsync_folder(self.folder)
-            except OSError as e:
-                log.warning("%s: cannot note a clean stop (%s); the next start checks every "
-                            "record", path, e.strerror)
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+    Two connections at most, each used by one thread at a time: one that writes (the
+    committer's) and one that reads, so that a read never waits for a commit (SQLite and libpq
+    connections are not for sharing at once).  A connection that failed is dropped and the
+    next use opens a new one, so that service resumes by itself once the database does.  Not
+    for use across fork: close the store before forking, each process then connects anew."""
 
-    def _as_made(self) -> bool:
-        """Whether the journal and the index are what the start found plus this process's
-        (and its workers') writes: another process's record, a failed write that could not be
-        cut off, or a leftover index or temporary file all tell otherwise."""
-        try:
-            if os.fstat(self._fd).st_size != self._size + self._recorded(8 * WORKER_SLOTS):
-                return False
-            files = 0
-            with os.scandir(self.index) as entries:     # counted, not held: memory stays flat
-                for _ in entries:
-                    files += 1
-        except OSError:
-            return False
-        return files == self.count
+    types = {"time": "TEXT", "blob": "BLOB", "int": "INTEGER"}
+    begin_write = "BEGIN IMMEDIATE"
 
-    def _write_index(self, serial: str, pem: bytes) -> bool:
-        """Create ``<SERIAL>.pem`` exclusively and whole; False when that serial exists."""
-        final = os.path.join(self.index, f"{serial}.pem")
-        temporary = os.path.join(self.index, f".{serial}.{threading.get_ident()}.tmp")
-        try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-            try:
-                _write_all(fd, pem)
-            finally:
-                os.close(fd)
-            try:
-                os.link(temporary, final)
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(temporary)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise StoreError(f"{self.index}: {e.strerror}") from None
-        return True
-
-    def add(self, serial: str, pem: bytes, client_id: str) -> bool:
-        """Record a certificate durably; False (nothing written) when its serial is taken."""
-        if not self._write_index(serial, pem):
-            return False
-        try:
-            self._append(self._record(serial, pem, client_id))
-        except StoreError:
-            self._unindex(serial)
-            raise
-        return True
-
-    def add_later(self, serial: str, pem: bytes, client_id: str, then) -> bool:
-        """Like ``add``, without waiting for the disk: the index file is written now; after
-        ``commit``, this process's committing thread appends the journal record and calls
-        ``wake``; then ``run_completed`` calls ``then(None)``, or ``then(StoreError)`` after
-        removing the index file, on the thread that calls it."""
-        if not self._write_index(serial, pem):
-            return False
-        record = self._record(serial, pem, client_id)
-        with self._lock:
-            if self._committer != os.getpid():       # none yet in this (maybe forked) process
-                self._committer = os.getpid()
-                threading.Thread(target=self._commit_loop, name="sapid-commit",
-                                 daemon=True).start()
-            batch = self._open
-            batch.records.append(record)
-            batch.waiting.append((serial, then))
-        return True
-
-    def commit(self) -> None:
-        """Have the records ``add_later`` took written, unless a write is under way (the
-        committing thread takes them next).  Called once per turn of the reception loop, so
-        that the requests read in one turn share a write and a wake-up."""
-        with self._lock:
-            if self._open.waiting and not self._flushing:
-                self._lock.notify_all()
-
-    def run_completed(self) -> None:
-        """Call back for the records ``add_later`` took that are now durable (or failed)."""
-        while self._completed:
-            waiting, error = self._completed.popleft()
-            for serial, then in waiting:
-                if error is not None:
-                    self._unindex(serial)
-                try:
-                    then(error)
-                except Exception:
-                    log.exception("answering for certificate %s failed", serial)
+    def __init__(self, where: str):
+        self.where = where
+        self.known = 0          # the count last seen: for status lines, which must not wait
+        self._connections = {True: None, False: None}       # by ``write``
+        self._locks = {True: threading.Lock(), False: threading.Lock()}
 
     @staticmethod
-    def _record(serial: str, pem: bytes, client_id: str) -> bytes:
-        return f"# serial {serial} client {client_id} at {iso_time(utcnow())}\n".encode() + pem
+    def open(config: Config) -> Store:
+        """The store ``config`` names: PostgreSQL for a ``postgresql://`` URI, else SQLite.
+        Nothing is connected yet."""
+        if config.store:
+            return PostgresStore(config.store)
+        return SQLiteStore(os.path.join(config.state, STORE_FILE))
 
-    def _unindex(self, serial: str) -> None:
+    # Connections --------------------------------------------------------------------------
+
+    def _connect(self, create: bool):
+        raise NotImplementedError
+
+    def _errors(self) -> tuple:
+        raise NotImplementedError
+
+    def _stale(self, connection) -> bool:
+        return False
+
+    def _check_writable(self) -> None:
+        pass
+
+    def _drop(self, write: bool) -> None:
+        connection, self._connections[write] = self._connections[write], None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def close(self) -> None:
+        """Close both connections (before a fork, and at the end); later use reconnects."""
+        for write in (True, False):
+            with self._locks[write]:
+                self._drop(write)
+
+    @contextlib.contextmanager
+    def _session(self, write: bool = False, create: bool = True):
+        """A cursor in a transaction, committed at the end; any failure of the database is a
+        StoreError naming the store, the connection dropped, nothing half-written."""
+        with self._locks[write]:
+            cursor = None
+            try:
+                connection = self._connections[write]
+                if connection is not None and self._stale(connection):
+                    self._drop(write)
+                    connection = None
+                if connection is None:
+                    connection = self._connections[write] = self._connect(create or write)
+                if write:
+                    self._check_writable()
+                cursor = connection.cursor()
+                cursor.execute(self.begin_write if write else "BEGIN")
+                yield cursor
+                cursor.execute("COMMIT")
+            except self._errors() as e:
+                if cursor is not None:
+                    with contextlib.suppress(Exception):
+                        cursor.execute("ROLLBACK")
+                self._drop(write)
+                raise StoreError(f"{self.where}: {_one_line(e)}") from None
+            except BaseException:
+                if cursor is not None:
+                    with contextlib.suppress(Exception):
+                        cursor.execute("ROLLBACK")
+                raise
+
+    def _sql(self, text: str) -> str:
+        return text
+
+    # Schema -------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the schema or bring it forward; refuse a store newer than this sapid."""
+        with self._session(write=True) as cursor:
+            self._lock_migration(cursor)
+            cursor.execute("CREATE TABLE IF NOT EXISTS sapid_meta"
+                           " (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            cursor.execute(self._sql("SELECT value FROM sapid_meta WHERE name = ?"), ("schema",))
+            row = cursor.fetchone()
+            version = int(row[0]) if row else 0
+            if version > len(MIGRATIONS):
+                raise StoreError(f"{self.where}: schema version {version} is newer than this "
+                                 f"sapid's ({len(MIGRATIONS)}); run a newer sapid")
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    cursor.execute(statement.format(**self.types))
+            if version < len(MIGRATIONS):
+                self._set_meta(cursor, "schema", str(len(MIGRATIONS)))
+                log.info("%s: schema %s", self.where,
+                         f"brought from version {version} to {len(MIGRATIONS)}" if version
+                         else f"version {len(MIGRATIONS)} created")
+            self.known = self._count(cursor)
+
+    def _lock_migration(self, cursor) -> None:
+        pass            # SQLite: BEGIN IMMEDIATE already holds the only write lock
+
+    def _set_meta(self, cursor, name: str, value: str) -> None:
+        cursor.execute(self._sql("INSERT INTO sapid_meta (name, value) VALUES (?, ?) ON CONFLICT"
+                                 " (name) DO UPDATE SET value = excluded.value"), (name, value))
+
+    def meta(self, name: str) -> str | None:
+        with self._session() as cursor:
+            cursor.execute(self._sql("SELECT value FROM sapid_meta WHERE name = ?"), (name,))
+            row = cursor.fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, name: str, value: str) -> None:
+        with self._session(write=True) as cursor:
+            self._set_meta(cursor, name, value)
+
+    # Writing ------------------------------------------------------------------------------
+
+    def add(self, records: list[Record]) -> set[str]:
+        """Add ``records`` in one transaction, durable on return; the serials that were in the
+        store already (those records are not added).  StoreError: none is added."""
+        taken, seen, fresh = set(), set(), []
+        for record in records:          # the first of two with one serial is the one added
+            if record.serial in seen:
+                taken.add(record.serial)
+            else:
+                seen.add(record.serial)
+                fresh.append(record)
+        added = 0
+        with self._session(write=True) as cursor:
+            for start in range(0, len(fresh), INSERT_ROWS):
+                part = fresh[start:start + INSERT_ROWS]
+                cursor.execute(self._insert(len(part)),
+                               [value for record in part for value in self._row(record)])
+                inserted = {row[0] for row in cursor.fetchall()}
+                taken.update(r.serial for r in part if r.serial not in inserted)
+                added += len(inserted)
+            if added:
+                cursor.execute(self._sql(
+                    "INSERT INTO tally (writer, issued) VALUES (?, ?) ON CONFLICT (writer)"
+                    " DO UPDATE SET issued = tally.issued + excluded.issued"),
+                    (self._writer(), added))
+            self.known = self._count(cursor)
+        return taken
+
+    def _insert(self, rows: int) -> str:
+        values = "(" + ", ".join([self._sql("?")] * len(NEW_COLUMNS)) + ")"
+        return (f"INSERT INTO certificates ({', '.join(NEW_COLUMNS)}) VALUES "
+                f"{', '.join([values] * rows)} ON CONFLICT (serial) DO NOTHING RETURNING serial")
+
+    def _row(self, record: Record) -> tuple:
+        return (record.serial, record.client_id, record.subject, json.dumps(list(record.sans)),
+                self._time(record.not_before), self._time(record.not_after), record.sha256,
+                record.der, self._instant(record.issued_at))
+
+    @staticmethod
+    def _writer() -> str:
+        return f"{socket.gethostname()}/{os.getpid()}"
+
+    # Reading ------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        """Certificates in the store, whoever added them."""
+        with self._session(create=False) as cursor:
+            self.known = self._count(cursor)
+        return self.known
+
+    @staticmethod
+    def _count(cursor) -> int:
+        cursor.execute("SELECT COALESCE(SUM(issued), 0) FROM tally")
+        return int(cursor.fetchone()[0])
+
+    def get(self, serial: str) -> Record | None:
+        with self._session(create=False) as cursor:
+            cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM certificates"
+                                     " WHERE serial = ?"), (serial,))
+            row = cursor.fetchone()
+        return self._record(row) if row else None
+
+    def present(self, serials: list[str]) -> set[str]:
+        """Which of ``serials`` the store holds."""
+        found = set()
+        with self._session(create=False) as cursor:
+            for start in range(0, len(serials), INSERT_ROWS):
+                part = serials[start:start + INSERT_ROWS]
+                marks = ", ".join([self._sql("?")] * len(part))
+                cursor.execute(f"SELECT serial FROM certificates WHERE serial IN ({marks})", part)
+                found.update(row[0] for row in cursor.fetchall())
+        return found
+
+    def select(self, client_id: str | None = None, expiring: datetime.datetime | None = None,
+               revoked: bool = False, page: int = 1000):
+        """Records by issuance, or with ``expiring`` those valid now that expire before it,
+        soonest first; a page at a time, so that a million certificates take no more memory
+        than a thousand."""
+        now = utcnow()
+        where, values = [], []
+        if client_id is not None:
+            where.append("client_id = ?")
+            values.append(client_id)
+        if expiring is not None:
+            where += ["not_after >= ?", "not_after <= ?"]
+            values += [self._time(now), self._time(expiring)]
+        if revoked:
+            where.append("revoked_at IS NOT NULL")
+        order = "not_after" if expiring is not None else "issued_at"
+        after = None
+        while True:
+            keyset = list(where)
+            if after is not None:
+                keyset.append(f"({order}, serial) > (?, ?)")
+            query = (f"SELECT {', '.join(COLUMNS)} FROM certificates"
+                     f"{' WHERE ' + ' AND '.join(keyset) if keyset else ''}"
+                     f" ORDER BY {order}, serial LIMIT {page}")
+            with self._session(create=False) as cursor:
+                cursor.execute(self._sql(query), values + (list(after) if after else []))
+                rows = cursor.fetchall()
+            for row in rows:
+                yield self._record(row)
+            if len(rows) < page:
+                return
+            last = rows[-1]
+            after = (last[COLUMNS.index(order)], last[0])
+
+    def _record(self, row) -> Record:
+        values = dict(zip(COLUMNS, row))
+        for name in ("not_before", "not_after", "issued_at", "revoked_at"):
+            if values[name] is not None:
+                values[name] = self._from_time(values[name])
+        values["sans"] = tuple(json.loads(values["sans"]))
+        values["der"] = bytes(values["der"])
+        return Record(**values)
+
+    @staticmethod
+    def _time(moment: datetime.datetime):
+        return moment
+
+    @staticmethod
+    def _instant(moment: datetime.datetime):
+        """A time to the microsecond (issued_at: listings keep the order of issuance)."""
+        return moment
+
+    @staticmethod
+    def _from_time(value) -> datetime.datetime:
+        return value.astimezone(datetime.timezone.utc)
+
+
+class SQLiteStore(Store):
+    """One file, ``<state>/sapid.db``: WAL, so that readers (``sapid list``, a backup) never
+    hold up a commit, and ``synchronous=FULL``, so that a commit is on disk when it returns."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.path = path
+
+    def _errors(self) -> tuple:
+        return (sqlite3.Error,)
+
+    def _connect(self, create: bool):
+        folder = os.path.dirname(self.path) or "."
+        try:
+            if create:
+                os.makedirs(folder, mode=0o750, exist_ok=True)
+                # The file made here, not by SQLite: its mode is the store's, whatever the
+                # umask; SQLite gives its -wal and -shm files the same mode.
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                     | os.O_CLOEXEC, 0o640))
+            elif not os.path.exists(self.path):
+                raise StoreError(f"{self.path}: no store here yet (sapid creates it at its "
+                                 "first start)")
+            connection = sqlite3.connect(self.path, timeout=STORE_BUSY_SECONDS,
+                                         isolation_level=None, check_same_thread=False,
+                                         factory=_SQLiteConnection)
+        except OSError as e:
+            raise StoreError(f"{e.filename or self.path}: {e.strerror}") from None
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: {_one_line(e)}") from None
+        try:
+            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise sqlite3.OperationalError(f"journal mode {mode}, WAL expected")
+            connection.execute("PRAGMA synchronous = FULL")
+            connection.inode = os.stat(self.path).st_ino
+        except (sqlite3.Error, OSError) as e:
+            connection.close()
+            raise StoreError(f"{self.path}: {_one_line(e)}") from None
+        return connection
+
+    @staticmethod
+    def _time(moment: datetime.datetime) -> str:
+        return iso_time(moment)
+
+    @staticmethod
+    def _instant(moment: datetime.datetime) -> str:
+        return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    @staticmethod
+    def _from_time(value: str) -> datetime.datetime:
+        return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ" if "." in value
+                                          else "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.timezone.utc)
+
+    def _check_writable(self) -> None:
+        """Refuse to write when the state folder was made read-only (remounted, or a read-only
+        bind mount put over it for maintenance): the descriptors SQLite holds would write on
+        regardless, behind the operator's back."""
+        try:
+            read_only = os.statvfs(os.path.dirname(self.path) or ".").f_flag & os.ST_RDONLY
+        except OSError as e:
+            raise StoreError(f"{self.path}: {e.strerror}") from None
+        if read_only:
+            raise StoreError(f"{self.path}: Read-only file system")
+
+    def _stale(self, connection) -> bool:
+        """Whether the store file was replaced (a backup put back) under this connection,
+        which would go on writing into the old file."""
+        try:
+            return os.stat(self.path).st_ino != connection.inode
+        except OSError:
+            return True
+
+
+class _SQLiteConnection(sqlite3.Connection):
+    """A connection that remembers which file (inode) it opened."""
+
+    inode = None
+
+
+class PostgresStore(Store):
+    """A PostgreSQL database that several sapid hosts share (``store = postgresql://...``).
+    Its password, if it needs one, is never in the configuration: peer authentication,
+    ``PGPASSFILE``, or the systemd credential ``store-password``."""
+
+    types = {"time": "TIMESTAMPTZ", "blob": "BYTEA", "int": "BIGINT"}
+    begin_write = "BEGIN"
+
+    def __init__(self, uri: str):
+        super().__init__(_redacted_uri(uri))
+        self.uri = uri
+
+    def _errors(self) -> tuple:
+        try:
+            import psycopg
+        except ImportError:
+            return ()
+        return (psycopg.Error,)
+
+    def _connect(self, create: bool):
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigError("store = postgresql://... needs psycopg: install sapid with the "
+                              "postgresql extra (pip install 'sapid[postgresql]')") from None
+        settings = dict(POSTGRES_DEFAULTS)
+        password = _credential("store-password")
+        if password is not None:
+            settings["password"] = password
+        try:
+            given = psycopg.conninfo.conninfo_to_dict(self.uri)
+            settings = {key: value for key, value in settings.items() if key not in given}
+            return psycopg.connect(self.uri, autocommit=True, **settings)
+        except psycopg.Error as e:
+            raise StoreError(f"{self.where}: {_one_line(e)}") from None
+
+    def _sql(self, text: str) -> str:
+        return text.replace("?", "%s")
+
+    def _lock_migration(self, cursor) -> None:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (POSTGRES_MIGRATION_LOCK,))
+
+
+def _redacted_uri(uri: str) -> str:
+    """``uri`` for messages: a password in it is not repeated."""
+    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", uri)
+
+
+def _credential(name: str) -> str | None:
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        return None
+    try:
+        with open(os.path.join(folder, name), encoding="utf-8") as file:
+            return _strip_newline(file.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"credential {name}: {_one_line(e)}") from None
+
+
+class Ticket:
+    """Where one record stands: ``done`` once its batch was committed or failed, then
+    ``taken`` (its serial was in the store already) or ``error`` (a StoreError) say how."""
+
+    __slots__ = ("record", "done", "taken", "error")
+
+    def __init__(self, record: Record):
+        self.record, self.done, self.taken, self.error = record, False, False, None
+
+
+class Committer:
+    """Group commit: records submitted from any thread are added by one thread, each batch
+    in one transaction, so that issuances made while a commit runs share the next one and
+    none waits longer than one commit for another's.  After each batch ``fileno()`` becomes
+    readable, for a loop that polls; ``wait`` returns, for a thread that blocks."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._start()
+
+    def _start(self) -> None:
+        self._lock = threading.Condition(threading.Lock())
+        self._queue = []
+        self._busy = False
+        self._closing = False
+        self._thread = None
+        self._event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.batches = 0        # transactions committed or failed, in this process
+
+    def forked(self) -> None:
+        """Start afresh in a forked worker: no thread, no queue of the parent's."""
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join(self.index, f"{serial}.pem"))
+            os.close(self._event)
+        self._start()
 
-    def _append(self, record: bytes) -> None:
+    def fileno(self) -> int:
+        return self._event
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._event)
+
+    def submit(self, record: Record) -> Ticket:
+        ticket = Ticket(record)
         with self._lock:
-            batch = self._open
-            batch.records.append(record)
-            while not batch.done:
-                if self._flushing:
-                    self._lock.wait()
-                    continue
-                # Nobody is flushing, so our batch is still the open one: lead its flush.
-                self._lead()
-        if batch.error is not None:
-            raise StoreError(f"{self.journal}: {batch.error}")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sapid-commit",
+                                                daemon=True)
+                self._thread.start()
+            self._queue.append(ticket)
+            if not self._busy:
+                self._lock.notify_all()
+        return ticket
 
-    def _lead(self) -> None:
-        """Write and sync the open batch; called and returns with the lock held, which is
-        released meanwhile so that the next batch can gather."""
-        batch, self._open, self._flushing = self._open, _Batch(), True
-        self._lock.release()
-        error, data = "not written", b"".join(batch.records)
-        try:
-            error = self._flush(data)
-        finally:
-            self._lock.acquire()
-            self._flushing = False
-            batch.done, batch.error = True, error
-            if error is None:
-                for offset, more in ((8 * self.slot, len(batch.records)),
-                                     (8 * (WORKER_SLOTS + self.slot), len(data))):
-                    mine = struct.unpack_from("Q", self._shared, offset)[0]
-                    struct.pack_into("Q", self._shared, offset, mine + more)
+    def wait(self, ticket: Ticket) -> None:
+        with self._lock:
+            while not ticket.done:
+                self._lock.wait()
+
+    def close(self) -> None:
+        """Commit what was submitted, then end the thread."""
+        with self._lock:
+            self._closing = True
             self._lock.notify_all()
-            if batch.waiting:
-                self._completed.append((batch.waiting, None if error is None else
-                                        StoreError(f"{self.journal}: {error}")))
-                self.wake()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with contextlib.suppress(OSError):
+            os.close(self._event)
 
-    def _commit_loop(self) -> None:
-        """The committing thread: write what ``add_later`` left, batch after batch.  It runs
-        no callback itself, so it needs the interpreter lock only briefly, once a batch."""
-        with self._lock:
-            while True:
-                while self._flushing or not self._open.waiting:
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
                     self._lock.wait()
-                self._lead()
-
-    def _flush(self, data: bytes) -> str | None:
-        """Append ``data``; a failed write is cut off again.  Other processes append to this
-        journal too (forked workers, ``sapid sign``): a lock they all take keeps their records
-        out of the span between the size read here and that cut."""
-        locked = False
-        size = None
-        try:
-            locked = self._lock_byte(fcntl.LOCK_EX, WRITE_LOCK)
-            size = os.fstat(self._fd).st_size
-            _write_all(self._fd, data)        # durable on return: O_DSYNC
-            return None
-        except Exception as e:  # noqa: BLE001 -- any failure is store_failed, never a hang
-            if size is not None:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, size)   # no torn record behind a failed write
-            return getattr(e, "strerror", None) or str(e) or type(e).__name__
-        finally:
-            if locked:
-                with contextlib.suppress(OSError):
-                    self._lock_byte(fcntl.LOCK_UN, WRITE_LOCK)
+                if not self._queue:
+                    return
+                batch, self._queue, self._busy = self._queue, [], True
+            taken, error = set(), None
+            try:
+                taken = self.store.add([ticket.record for ticket in batch])
+            except Exception as e:  # noqa: BLE001 -- any failure is store_failed, never a hang
+                error = e if isinstance(e, StoreError) else StoreError(
+                    f"{self.store.where}: {_one_line(e)}")
+                if not isinstance(e, StoreError):
+                    log.exception("committing %d certificates failed", len(batch))
+            with self._lock:
+                for ticket in batch:
+                    ticket.taken, ticket.error = ticket.record.serial in taken, error
+                    ticket.done = True
+                self.batches += 1
+                self._busy = False
+                self._lock.notify_all()
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._event, 1)
 
 
-def _same_path(one: str, other: str) -> bool:
-    """Whether two spellings name the same file (``/srv/ca`` and ``/srv/ca/``, a symlink)."""
+def prepare_store(store: Store, config: Config) -> None:
+    """Bring the store's schema forward and import an earlier sapid's files: once the rest of
+    a start has succeeded, so that a setup that cannot start leaves no store behind."""
     try:
-        return os.path.samefile(one, other)
-    except OSError:
-        return os.path.realpath(one) == os.path.realpath(other)
+        store.prepare()
+        import_legacy(store, config.state)
+    except BaseException:
+        store.close()
+        raise
 
 
-def _fsync_folder(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _syncfs(fd: int) -> None:
-    """Make durable everything written to the file system that holds ``fd`` (syncfs(2))."""
-    try:
-        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        os.sync()
+def import_legacy(store: Store, folder: str) -> None:
+    """Bring sapid 0.1's records in ``folder`` (the journal ``issued.pem``, the index
+    ``issued/`` and ``unjournaled/``) into the store, once: the store notes how the files
+    looked, and imports again only when they changed.  The old files stay where they are."""
+    journal = os.path.join(folder, LEGACY_JOURNAL)
+    if not os.path.exists(journal):
         return
-    if syncfs(fd) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+    look = json.dumps(_legacy_look(folder))
+    if store.meta("legacy_import") == look:
+        return
+    found = added = 0
+    batch = []
+
+    def flush():
+        nonlocal added
+        if batch:
+            added += len(batch) - len(store.add(batch))
+            batch.clear()
+
+    for record in _journal_records(journal):
+        found += 1
+        batch.append(record)
+        if len(batch) >= IMPORT_ROWS:
+            flush()
+    flush()
+    journaled = found
+    for sub in (LEGACY_INDEX, LEGACY_ASIDE):
+        for records in _index_records(store, os.path.join(folder, sub)):
+            found += len(records)
+            batch.extend(records)
+            flush()
+    store.set_meta("legacy_import", look)
+    log.info("%s: imported %d certificates from %d journal records and %d index files of an "
+             "earlier sapid into %s; the old files are left in place", folder, added, journaled,
+             found - journaled, store.where)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _legacy_look(folder: str) -> list:
+    look = []
+    for name in (LEGACY_JOURNAL, LEGACY_INDEX, LEGACY_ASIDE):
+        try:
+            info = os.stat(os.path.join(folder, name))
+            look.append([name, info.st_ino, info.st_size, info.st_mtime_ns])
+        except FileNotFoundError:
+            pass
+    return look
+
+
+def _journal_records(path: str):
+    """The whole records of a sapid 0.1 journal, read a piece at a time."""
+    rest = b""
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            rest += chunk
+            cut = rest.rfind(PEM_END) + len(PEM_END) if PEM_END in rest else 0
+            for match in LEGACY_HEADER.finditer(rest, 0, cut):
+                end = rest.find(PEM_END, match.end())
+                record = _legacy_record(rest[match.end():end + len(PEM_END)],
+                                        match[2].decode(), match[3].decode())
+                if record is not None:
+                    yield record
+            rest = rest[cut:]
+    if rest.strip():
+        log.warning("%s: %d bytes of an unfinished last record, not imported", path, len(rest))
+
+
+def _index_records(store: Store, folder: str):
+    """Batches of the records of index files that the store lacks (a crash between an index
+    file and its journal record left them: signed, never returned, client unknown)."""
+    try:
+        names = sorted(name for name in os.listdir(folder)
+                       if re.fullmatch(r"[0-9A-F]+\.pem", name))
+    except FileNotFoundError:
+        return
+    for start in range(0, len(names), INSERT_ROWS):
+        part = [name[:-4] for name in names[start:start + INSERT_ROWS]]
+        present = store.present(part)
+        records = []
+        for serial in part:
+            if serial in present:
+                continue
+            path = os.path.join(folder, f"{serial}.pem")
+            moment = datetime.datetime.fromtimestamp(os.stat(path).st_mtime,
+                                                     datetime.timezone.utc)
+            record = _legacy_record(_read(path), "", iso_time(moment))
+            if record is not None:
+                records.append(record)
+        yield records
+
+
+def _legacy_record(pem: bytes, client_id: str, at: str) -> Record | None:
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+        issued_at = datetime.datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.timezone.utc)
+    except ValueError as e:
+        log.warning("a record of an earlier sapid is not a certificate (%s); not imported", e)
+        return None
+    return Record.of(certificate, certificate.public_bytes(serialization.Encoding.DER),
+                     client_id, issued_at)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1678,12 +2013,28 @@ class HookRunner:
 
 @dataclasses.dataclass(frozen=True)
 class Issued:
-    """A signed, recorded certificate and what the reply says of it."""
+    """A signed certificate and what the reply says of it."""
 
     certificate: x509.Certificate
     pem: bytes
     serial: str
     fingerprint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A certificate signed and on its way into the store: ``Authority.issue`` returns it,
+    and once ``ticket.done``, ``Authority.settle`` tells what to answer."""
+
+    issued: Issued
+    ticket: Ticket
+    authority: Authority
+    client_id: str
+    subject: str
+    csr_fingerprint: str
+    draft: Draft
+    hooks: SigningHooks | None
+    attempt: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1714,12 +2065,13 @@ EXTENSION_USAGE = _key_usage(False)
 
 
 class Authority:
-    """The CA at work: identity, hooks, records and configuration, fixed until a reload."""
+    """The CA at work: identity, hooks, configuration and the committer into the store, fixed
+    until a reload."""
 
     def __init__(self, config: Config, identity: Identity, hooks: HookSet,
-                 records: Records | None, runner: HookRunner):
+                 committer: Committer | None, runner: HookRunner):
         self.config, self.identity, self.hooks = config, identity, hooks
-        self.records, self.runner = records, runner
+        self.committer, self.runner = committer, runner
         # Per-request constants, worked out once.
         certificate = identity.certificate
         self._issuer = certificate.subject
@@ -1737,9 +2089,9 @@ class Authority:
         self._validity = datetime.timedelta(days=config.validity_days)
 
     @classmethod
-    def open(cls, config: Config, passphrase: str | None, runner: HookRunner, *,
-             records: Records | None = None, store: bool = True) -> Authority:
-        """Load identity and hooks, call ``boot``, open the records (unless ``store`` is off)."""
+    def open(cls, config: Config, passphrase: str | None, runner: HookRunner,
+             committer: Committer | None) -> Authority:
+        """Load identity and hooks, call ``boot``; sign into ``committer``'s store."""
         identity = Identity.load(config.identity, passphrase, config.strict_files)
         hooks = load_hooks(config.hooks_path(), config.strict_files)
         try:
@@ -1748,28 +2100,18 @@ class Authority:
             where = hooks.path or "built-in hooks"
             raise ConfigError(f"{where}:{_error_line(e, where)}: boot refused: "
                               f"{type(e).__name__}: {_one_line(e)}") from None
-        if store and (records is None or not _same_path(records.folder, config.state)):
-            records = Records(config.state)
-        return cls(config, identity, hooks, records, runner)
+        return cls(config, identity, hooks, committer, runner)
 
     # The pipeline -----------------------------------------------------------------------------
-
-    def issue(self, signing: Signing) -> Issued:
-        """Check, authorize, draft, presign, sign, record, postsign; audited either way."""
-        return self._issue(signing, None)
-
-    def issue_later(self, signing: Signing, then) -> None:
-        """``issue`` for the built-in hooks (``per_request_hooks`` false) without waiting for
-        the disk: refusals raise here; once the record is durable, ``Records.run_completed``
-        calls ``then(issued, None)``, or ``then(None, RequestError)`` if it was not recorded."""
-        self._issue(signing, then)
 
     @property
     def per_request_hooks(self) -> bool:
         """Whether operator code runs for each request (not just ``boot``)."""
         return bool(self.hooks.custom - {"boot"})
 
-    def _issue(self, signing: Signing, then) -> Issued | None:
+    def issue(self, signing: Signing) -> Pending:
+        """Check, authorize, draft, presign, sign, and submit to the store: the certificate
+        and its durability ticket.  Refusals raise RequestError; each is audited."""
         subject = csr_fingerprint = None
         try:
             csr = parse_csr(signing.body)
@@ -1780,30 +2122,54 @@ class Authority:
                 instance, draft = self._call("authorize/presign", self._prepare, signing, checked)
             else:
                 instance, draft = self._prepare(signing, checked)
-            if then is not None:
-                def recorded(issued, error):
-                    if error is not None:
-                        audit("refused", signing.client_id, subject, None, csr_fingerprint,
-                              error.code, error.message)
-                    else:
-                        audit("issued", signing.client_id, subject, issued.serial,
-                              issued.fingerprint)
-                    then(issued, error)
-                self._sign_and_record(draft, signing.client_id, recorded)
-                return None
-            issued = self._sign_and_record(draft, signing.client_id)
+            return self._submit(draft, signing.client_id, subject, csr_fingerprint, instance)
         except RequestError as e:
             audit("refused", signing.client_id, subject, None, csr_fingerprint, e.code, e.message)
             raise
-        audit("issued", signing.client_id, subject, issued.serial, issued.fingerprint)
+
+    def settle(self, pending: Pending) -> Issued | Pending:
+        """What a done ticket means: the certificate (audited, postsign run), a new Pending
+        when its serial was taken (signed again with another), or RequestError."""
+        ticket, issued = pending.ticket, pending.issued
+        subject, client_id = pending.subject, pending.client_id
+        if ticket.taken and pending.attempt < SERIAL_ATTEMPTS:
+            log.warning("serial %s is taken; drawing another", issued.serial)
+            pending.draft.serial_number = self.hooks.draw_serial()
+            try:
+                return self._submit(pending.draft, client_id, subject, pending.csr_fingerprint,
+                                    pending.hooks, pending.attempt + 1)
+            except RequestError as e:
+                audit("refused", client_id, subject, None, pending.csr_fingerprint, e.code,
+                      e.message)
+                raise
+        if ticket.taken or ticket.error is not None:
+            if ticket.taken:
+                error = RequestError(503, "store_failed", "no unused serial number could be drawn")
+            else:
+                log.error("certificate %s not recorded, so not returned: %s", issued.serial,
+                          ticket.error)
+                error = RequestError(503, "store_failed",
+                                     "the CA cannot record certificates right now")
+            audit("refused", client_id, subject, None, pending.csr_fingerprint, error.code,
+                  error.message)
+            raise error
+        audit("issued", client_id, subject, issued.serial, issued.fingerprint)
         if "postsign" in self.hooks.custom:
             try:
-                self._call("postsign", instance.postsign, issued.certificate)
+                self._call("postsign", pending.hooks.postsign, issued.certificate)
             except RequestError as e:
-                audit("withheld", signing.client_id, subject, issued.serial, issued.fingerprint,
-                      e.code, e.message)
+                audit("withheld", client_id, subject, issued.serial, issued.fingerprint, e.code,
+                      e.message)
                 raise
         return issued
+
+    def wait(self, pending: Pending) -> Issued:
+        """``settle`` after blocking until the ticket is done (a pool thread, ``sapid sign``)."""
+        outcome = pending
+        while isinstance(outcome, Pending):
+            self.committer.wait(outcome.ticket)
+            outcome = self.settle(outcome)
+        return outcome
 
     def _call(self, phase: str, function, *args):
         """Run operator code with the hook timeout; its failures become 403 or 500."""
@@ -1902,46 +2268,19 @@ class Authority:
         except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
             raise HookError(f"the draft cannot be signed: {_one_line(e)}") from None
 
-    def _sign_and_record(self, draft: Draft, client_id: str, then=None) -> Issued:
-        """Sign and record; with ``then``, the journal is synced later (see ``issue_later``)."""
-        for _ in range(SERIAL_ATTEMPTS):
-            try:
-                certificate = self.sign(draft)
-            except HookError:
-                log.exception("presign left a draft that cannot be signed")
-                raise RequestError(500, "hook_error",
-                                   "a hook of this CA failed; its log has the details") from None
-            der = certificate.public_bytes(serialization.Encoding.DER)
-            pem = _pem("CERTIFICATE", der)
-            serial = serial_hex(certificate.serial_number)
-            issued = Issued(certificate, pem, serial, hashlib.sha256(der).hexdigest())
-            try:
-                if self.records is None:
-                    if then is not None:
-                        then(issued, None)
-                    return issued
-                if then is None:
-                    recorded = self.records.add(serial, pem, client_id)
-                else:
-                    recorded = self.records.add_later(
-                        serial, pem, client_id,
-                        lambda error, issued=issued: then(*self._recorded(issued, error)))
-                if recorded:
-                    return issued
-            except StoreError as e:
-                self._recorded(issued, e)
-                raise RequestError(503, "store_failed",
-                                   "the CA cannot record certificates right now") from None
-            log.warning("serial %s is taken; drawing another", serial)
-            draft.serial_number = self.hooks.draw_serial()
-        raise RequestError(503, "store_failed", "no unused serial number could be drawn")
-
-    @staticmethod
-    def _recorded(issued: Issued, error: StoreError | None) -> tuple:
-        if error is None:
-            return issued, None
-        log.error("certificate %s not recorded, so not returned: %s", issued.serial, error)
-        return None, RequestError(503, "store_failed", "the CA cannot record certificates right now")
+    def _submit(self, draft: Draft, client_id: str, subject: str, csr_fingerprint: str,
+                instance: SigningHooks | None, attempt: int = 1) -> Pending:
+        try:
+            certificate = self.sign(draft)
+        except HookError:
+            log.exception("presign left a draft that cannot be signed")
+            raise RequestError(500, "hook_error",
+                               "a hook of this CA failed; its log has the details") from None
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        record = Record.of(certificate, der, client_id)
+        issued = Issued(certificate, _pem("CERTIFICATE", der), record.serial, record.sha256)
+        return Pending(issued, self.committer.submit(record), self, client_id, subject,
+                       csr_fingerprint, draft, instance, attempt)
 
 
 def audit(outcome: str, client_id, subject, serial, fingerprint, code=None, reason=None) -> None:
@@ -2397,11 +2736,22 @@ class SigningHandler:
     def __init__(self, server: SigningServer):
         self.server = server
 
-    def respond(self, request: Request, then=None) -> Response | None:
-        """The response; or, with ``then`` and the built-in hooks, None for a signing request
-        whose answer ``then(response)`` gets once it is recorded (see ``Records.add_later``)."""
+    def respond(self, request: Request) -> Response | Pending:
+        """The response, or for a signing the Pending to ``finish`` once its ticket is done."""
         try:
-            return self._route(request, then)
+            return self._route(request)
+        except RequestError as e:
+            return error_response(e)
+        except Exception:
+            return self._internal_error(request)
+
+    def finish(self, pending: Pending, request: Request) -> Response | Pending:
+        """The response to a signing whose ticket is done (or a new Pending: see settle)."""
+        try:
+            outcome = pending.authority.settle(pending)
+            if isinstance(outcome, Pending):
+                return outcome
+            return self._issued(outcome, pending.authority)
         except RequestError as e:
             return error_response(e)
         except Exception:
@@ -2453,36 +2803,31 @@ class SigningHandler:
                 audit("refused", client_id[:128], None, None, None, e.code, e.message)
             raise
 
-    def _route(self, request: Request, then) -> Response | None:
+    def _route(self, request: Request) -> Response | Pending:
         path = self._check(request)
+        authority = self.server.authority
         if path.startswith("/api/csr/"):
-            return self._sign(request, path[9:], then)
+            return authority.issue(Signing(request.body, path[9:], request.peer,
+                                           self._hook_headers(request.headers, authority)))
         if path == "/api/ca":
-            return Response(200, self.server.authority.ca_pem,
-                            "application/pem-certificate-chain")
+            return Response(200, authority.ca_pem, "application/pem-certificate-chain")
+        return self._health()
+
+    def _health(self) -> Response:
+        """Ready or stopping, and what the store holds (read on a pool thread: see
+        ``SigningServer.blocks``)."""
         if self.server.stopping:
             return json_response(503, {"status": "stopping"})
-        authority = self.server.authority
+        try:
+            count = self.server.store.count()
+        except StoreError as e:
+            log.error("health: %s", e)
+            return json_response(503, {"status": "store_failed", "error": "store_failed",
+                                       "message": "the CA cannot read its store right now"})
         return json_response(200, {
             "status": "ok", "version": __version__,
-            "ca_subject": subject_text(authority.identity.certificate.subject),
-            "certificates_issued": authority.records.count if authority.records else 0})
-
-    def _sign(self, request: Request, client_id: str, then) -> Response | None:
-        authority = self.server.authority
-        if then is not None and not authority.per_request_hooks:
-            def recorded(issued, error):
-                try:
-                    response = (error_response(error) if error is not None
-                                else self._issued(issued, authority))
-                except Exception:
-                    response = self._internal_error(request)
-                then(response)
-            authority.issue_later(Signing(request.body, client_id, request.peer), recorded)
-            return None
-        issued = authority.issue(Signing(request.body, client_id, request.peer,
-                                         self._hook_headers(request.headers, authority)))
-        return self._issued(issued, authority)
+            "ca_subject": subject_text(self.server.authority.identity.certificate.subject),
+            "certificates_issued": count})
 
     @staticmethod
     def _issued(issued: Issued, authority: Authority) -> Response:
@@ -2567,9 +2912,10 @@ class SigningServer:
     costs the reception thread one wake-up, not two.
     """
 
-    def __init__(self, listener: socket.socket, authority: Authority, max_threads: int,
-                 balance: Balance | None = None):
+    def __init__(self, listener: socket.socket, authority: Authority, store: Store,
+                 committer: Committer, max_threads: int, balance: Balance | None = None):
         self.listener = listener
+        self.store, self.committer = store, committer
         self.balance = balance
         self.stopping = False
         self.handler = SigningHandler(self)
@@ -2578,14 +2924,16 @@ class SigningServer:
         self._connections: dict[int, Connection] = {}
         self._closing = queue.SimpleQueue()     # connections pool threads are done with
         self._reception = None                   # the reception thread's ident
-        self._records = []                       # every Records that this server signed into
+        self._waiting = collections.deque()      # (conn, request, Pending) of this thread
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w, listener):
             sock.setblocking(False)
         self.authority = authority
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._epoll.register(committer.fileno(), select.EPOLLIN)
         self._epoll.register(listener.fileno(), LISTEN_EVENTS)
         self._listen_fd, self._wake_fd = listener.fileno(), self._wake_r.fileno()
+        self._commit_fd = committer.fileno()
         self._unix = listener.family == socket.AF_UNIX
         self._accept_paused_until = 0.0
 
@@ -2614,13 +2962,14 @@ class SigningServer:
                     self._accept()
                 elif fd == self._wake_fd:
                     self._drain_wake()
+                elif fd == self._commit_fd:
+                    self._settle()
                 elif (conn := connections.get(fd)) is not None:
                     if conn.outbox:
                         self._send(conn)
                     else:
                         self._receive(conn)
             self._take_closing()
-            self._run_completed()
             now = time.monotonic()
             if self._accept_paused_until and now >= self._accept_paused_until:
                 self._accept_paused_until = 0.0
@@ -2789,20 +3138,26 @@ class SigningServer:
     @authority.setter
     def authority(self, authority: Authority) -> None:
         """Serve with ``authority`` from now on (at start and on each reload)."""
-        records = authority.records
-        if records is not None and records not in self._records:
-            records.wake = self.wake
-            self._records.append(records)    # a reload may change it: the old one may still
-        self._authority = authority          # hold signings in flight
+        self._authority = authority
 
-    def _run_completed(self) -> None:
-        """Have this turn's signings written, answer those whose records are durable, and
-        have written too what those answers read and signed (pipelined requests): the disk
-        works while the answers go out, and no signing waits for the next turn."""
-        for records in self._records:
-            records.commit()
-            records.run_completed()
-            records.commit()
+    def _settle(self) -> None:
+        """Answer the signings of this thread whose records are committed (or failed).  One
+        committer writes them in the order they were submitted, so the done ones come first."""
+        self.committer.drain()
+        waiting = self._waiting
+        while waiting and waiting[0][2].ticket.done:
+            conn, request, pending = waiting.popleft()
+            outcome = self.handler.finish(pending, request)
+            if isinstance(outcome, Pending):
+                waiting.append((conn, request, outcome))
+                continue
+            try:
+                if self._deliver(conn, request, outcome):
+                    self._handle(conn, self._advance(conn) if conn.reader.pending else None)
+            except Exception:
+                log.exception("internal error answering %s %s", request.method,
+                              request.path[:200])
+                self._close(conn)          # never a connection left waiting for nothing
 
     def _take_closing(self) -> None:
         while True:
@@ -2815,38 +3170,44 @@ class SigningServer:
     # Answering ----------------------------------------------------------------------------------
 
     def _handle(self, conn: Connection, request: Request) -> None:
-        """Answer on the reception thread what runs no operator code: there a signing costs no
-        thread hand-off, and its reply leaves from this thread too once it is recorded.
-        Requests for hooks go to the pool, where a slow hook holds one thread, not everyone."""
+        """Answer on the reception thread what runs no operator code and waits for nothing:
+        there a signing costs no thread hand-off, and its answer leaves from this thread too
+        once its record is committed.  The rest goes to the pool, where a slow hook or a slow
+        store holds one thread, not everyone."""
         while request is not None:
-            if self.authority.per_request_hooks and request.path.startswith("/api/csr/"):
+            if self.blocks(request):
                 self._pool.submit(self._answer, conn, request)
                 return
-            response = self.handler.respond(request, functools.partial(self._answer_later, conn,
-                                                                       request))
-            if response is None or not self._deliver(conn, request, response):
+            outcome = self.handler.respond(request)
+            if isinstance(outcome, Pending):
+                self._waiting.append((conn, request, outcome))
+                return                    # answered by _settle
+            if not self._deliver(conn, request, outcome):
                 return
             request = self._advance(conn) if conn.reader.pending else None
         conn.busy = False
         self._rearm(conn)
+
+    def blocks(self, request: Request) -> bool:
+        """Whether answering ``request`` may block: operator code runs for a signing, or the
+        health check reads the store.  The one place that decides inline or pool."""
+        path = request.path
+        if path.startswith("/api/csr/"):
+            return self.authority.per_request_hooks
+        return path.startswith("/api/health")
 
     def _answer(self, conn: Connection, request: Request) -> None:
         """A pool thread: answer ``request`` and any whole requests pipelined behind it."""
         while request is not None:
-            if not self._deliver(conn, request, self.handler.respond(request)):
+            outcome = self.handler.respond(request)
+            while isinstance(outcome, Pending):
+                self.committer.wait(outcome.ticket)
+                outcome = self.handler.finish(outcome, request)
+            if not self._deliver(conn, request, outcome):
                 return
             request = self._advance(conn) if conn.reader.pending else None
         conn.busy = False
         self._rearm(conn)
-
-    def _answer_later(self, conn: Connection, request: Request, response: Response) -> None:
-        """The answer of a signing whose record is now durable (reception thread)."""
-        try:
-            if self._deliver(conn, request, response):
-                self._handle(conn, self._advance(conn) if conn.reader.pending else None)
-        except Exception:
-            log.exception("internal error answering %s %s", request.method, request.path[:200])
-            self._close(conn)          # never a connection left waiting for nothing
 
     def _deliver(self, conn: Connection, request: Request, response: Response) -> bool:
         """Send ``response``; True when the connection is ready for its next request.  Nobody
@@ -2991,14 +3352,7 @@ class Daemon:
         self._status = None
         self.server = None
         self.workers = {}          # pid -> slot, in the supervising process
-        # Whether a clean stop may vouch for the records: no worker died, so none left a
-        # record half-written, and none counts its certificates where this process cannot see.
-        self.can_vouch = True
         self.stopping = False
-        # Every Records this process opened, one per state folder: a reload back to a folder
-        # takes its Records up again (two in one process would not exclude each other's
-        # writes: the journal's locks are per process), and a stop closes them all.
-        self._opened = []
 
     def _config(self) -> Config:
         config = Config.load(self.config_path)
@@ -3011,8 +3365,10 @@ class Daemon:
         self._raise_file_limit()
         # Its threads start on demand, so none exists yet when workers are forked.
         self.runner = HookRunner(config.max_threads * 2)
-        self.authority = Authority.open(config, self._passphrase, self.runner)
-        self._opened = [self.authority.records]
+        self.store = Store.open(config)
+        self.committer = Committer(self.store)
+        self.authority = Authority.open(config, self._passphrase, self.runner, self.committer)
+        prepare_store(self.store, config)
         if self.authority.hooks.path is None:
             log.warning("no hooks file: every valid CSR is signed (set 'hooks' in %s)",
                         config.path or DEFAULT_CONFIG)
@@ -3029,16 +3385,15 @@ class Daemon:
                 self._watchdog_interval = usec / 2e6
         except ValueError:
             pass
-        log.info("serving on %s with CA %s%s", self.where,
-                 subject_text(self.authority.identity.certificate.subject),
+        log.info("serving on %s with CA %s, store %s%s", self.where,
+                 subject_text(self.authority.identity.certificate.subject), self.store.where,
                  f", {config.workers} workers" if config.workers > 1 else "")
-        clean = False
         try:
             if config.workers == 1:
                 self._serve()
             else:
+                self.store.close()        # each worker connects for itself
                 self._supervise(config.workers)
-            clean = self.can_vouch
         finally:
             signal.set_wakeup_fd(wakeup)
             for signum, handler in previous.items():
@@ -3046,14 +3401,14 @@ class Daemon:
             if bound:
                 with contextlib.suppress(OSError):
                     os.unlink(config.socket)
-            for records in self._opened:
-                records.close(clean)
+            self.committer.close()
+            self.store.close()
         log.info("stopped")
         return 0
 
     def _serve(self, balance: Balance | None = None) -> None:
         """Serve in this process until stopped."""
-        self.server = SigningServer(self.listener, self.authority,
+        self.server = SigningServer(self.listener, self.authority, self.store, self.committer,
                                     self.authority.config.max_threads, balance)
         signal.set_wakeup_fd(self.server.wake_fd, warn_on_full_buffer=False)
         sd_notify(f"READY=1\nSTATUS={self._status_text()}\nMAINPID={os.getpid()}")
@@ -3085,9 +3440,6 @@ class Daemon:
                 if not pid:
                     break
                 slot = self.workers.pop(pid, None)
-                if slot is not None and not (os.WIFEXITED(status) and
-                                             os.WEXITSTATUS(status) == 0 and self.stopping):
-                    self.can_vouch = False
                 if slot is None or self.stopping:
                     continue
                 log.error("worker %d (pid %d) ended unexpectedly (%s); starting another", slot,
@@ -3114,8 +3466,7 @@ class Daemon:
             self._signals.clear()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             self.workers = {}
-            if self.authority.records:
-                self.authority.records.slot = slot + 1
+            self.committer.forked()
             self._wake_r.close()
             self._wake_w.close()
             self.balance.slot = slot
@@ -3159,10 +3510,14 @@ class Daemon:
             self._next_status = now + 5.0
 
     def _status_text(self) -> str:
-        records = self.authority.records
+        """What systemctl status shows; never waits for the store (the count is the last one
+        seen, which the supervisor of workers reads each time it writes the status)."""
         workers = f" with {len(self.workers)} workers" if self.workers else ""
-        return (f"serving on {self.where}{workers}, {records.count if records else 0} "
-                "certificates signed")
+        if self.workers:
+            with contextlib.suppress(StoreError):
+                self.store.count()
+            self.store.close()    # the supervisor forks again: no connection across a fork
+        return f"serving on {self.where}{workers}, {self.store.known} certificates in the store"
 
     def handle_hup(self) -> None:
         """Reload config, identity and hooks; on any error keep serving with the old ones."""
@@ -3172,16 +3527,12 @@ class Daemon:
             config = dataclasses.replace(self._config(), socket=old.config.socket,
                                          max_threads=old.config.max_threads,
                                          workers=old.config.workers)
-            known = next((records for records in self._opened
-                          if _same_path(records.folder, config.state)), old.records)
             self.authority = Authority.open(config, self._passphrase, self.runner,
-                                            records=known)
-            if self.authority.records not in self._opened:
-                self._opened.append(self.authority.records)
+                                            self.committer)
             if self.server is not None:
                 self.server.authority = self.authority
-            if self.workers and self.authority.records is not old.records:
-                self.can_vouch = False       # each worker opens the new state folder itself
+            if Store.open(config).where != self.store.where:
+                log.warning("reload: the store stays %s until a restart", self.store.where)
             log.info("reloaded: CA %s, hooks %s",
                      subject_text(self.authority.identity.certificate.subject),
                      self.authority.hooks.path or "built-in")
@@ -3265,6 +3616,12 @@ def _add_years(moment: datetime.datetime, years: int) -> datetime.datetime:
         return moment.replace(year=moment.year + years)
     except ValueError:            # 29 February
         return moment.replace(year=moment.year + years, day=28)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _create_file(path: str, data: bytes, mode: int) -> None:
@@ -3381,14 +3738,18 @@ def command_sign(args) -> int:
     except OSError as e:
         raise ConfigError(f"{args.csr}: {e.strerror}") from None
     disable_core_dumps()
-    authority = Authority.open(config, read_passphrase(), HookRunner(1))
+    passphrase = read_passphrase()
+    store = Store.open(config)
+    committer = Committer(store)
     try:
-        issued = authority.issue(Signing(body, args.client_id))
+        authority = Authority.open(config, passphrase, HookRunner(1), committer)
+        prepare_store(store, config)
+        issued = authority.wait(authority.issue(Signing(body, args.client_id)))
     except RequestError as e:
         raise SapidError(f"{args.csr}: {e.code}: {e.message}") from None
     finally:
-        if authority.records:     # a clean note only in place of the one it found
-            authority.records.close(authority.records.found_clean)
+        committer.close()
+        store.close()
     sys.stdout.write(issued.pem.decode())
     return 0
 
@@ -3398,14 +3759,78 @@ def command_check(args) -> int:
     config = Config.load(args.config)
     disable_core_dumps()
     passphrase = read_passphrase(interactive=False)
-    authority = Authority.open(config, passphrase, HookRunner(1), store=False)
-    if os.path.exists(config.state) and not os.access(config.state, os.W_OK):
-        raise ConfigError(f"{config.state}: the state folder is not writable")
+    authority = Authority.open(config, passphrase, HookRunner(1), None)
+    store = Store.open(config)
+    try:
+        if config.store or os.path.exists(store.where):
+            held = f"{store.count()} certificates"
+        elif os.path.exists(config.state) and not os.access(config.state, os.W_OK):
+            raise ConfigError(f"{config.state}: the state folder is not writable")
+        else:
+            held = "created at the first start"
+    finally:
+        store.close()
     key = "key decrypted" if passphrase is not None else (
         "key not decrypted: no passphrase source that needs no prompt")
     print(f"sapid: {config.path or 'built-in defaults'}: ok; CA "
           f"{subject_text(authority.identity.certificate.subject)}, {key}, hooks "
-          f"{authority.hooks.path or 'built-in'}")
+          f"{authority.hooks.path or 'built-in'}, store {store.where} ({held})")
+    return 0
+
+
+def command_list(args) -> int:
+    """Print the store's certificates, a line each (or JSON), page by page."""
+    config = Config.load(args.config)
+    if args.client_id is not None and not CLIENT_ID.match(args.client_id):
+        raise ConfigError(f"--client {args.client_id!r}: 1 to 128 letters and digits")
+    now = utcnow()
+    expiring = now + datetime.timedelta(days=args.expiring) if args.expiring is not None else None
+    store = Store.open(config)
+    out = sys.stdout
+    try:
+        records = store.select(args.client_id, expiring, args.revoked)
+        if args.json:
+            out.write("[")
+            for n, record in enumerate(records):
+                out.write(("," if n else "") + "\n" + json.dumps(record.document(now)))
+            out.write("\n]\n")
+        else:
+            for record in records:
+                out.write(f"{record.serial}  {iso_time(record.not_after)}  "
+                          f"{record.status(now):7}  {record.client_id or '-'}  "
+                          f"{json.dumps(record.subject)}\n")
+    except BrokenPipeError:         # | head: not an error
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+    finally:
+        store.close()
+    return 0
+
+
+def command_show(args) -> int:
+    """Print one certificate's record and its PEM."""
+    config = Config.load(args.config)
+    try:
+        serial = serial_hex(int(args.serial.replace(":", ""), 16))
+    except ValueError:
+        raise ConfigError(f"{args.serial!r} is not a serial number (hex, as sapid prints "
+                          "them)") from None
+    store = Store.open(config)
+    try:
+        record = store.get(serial)
+    finally:
+        store.close()
+    if record is None:
+        raise SapidError(f"no certificate with serial {serial} in {store.where}")
+    document = record.document(utcnow())
+    if args.json:
+        document["pem"] = _pem("CERTIFICATE", record.der).decode()
+        print(json.dumps(document, indent=2))
+        return 0
+    for name, value in document.items():
+        if value is not None:
+            print(f"{name}: {', '.join(value) if isinstance(value, list) else value}")
+    sys.stdout.write(_pem("CERTIFICATE", record.der).decode())
     return 0
 
 
@@ -3441,6 +3866,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", parents=[config], help="check the setup and exit")
     check.set_defaults(run=command_check)
+
+    listing = commands.add_parser("list", parents=[config], help="list issued certificates")
+    listing.add_argument("--client", dest="client_id", metavar="ID",
+                         help="only those issued to this client id")
+    listing.add_argument("--expiring", type=int, metavar="DAYS",
+                         help="only those valid now that expire within DAYS days, soonest first")
+    listing.add_argument("--revoked", action="store_true", help="only revoked certificates")
+    listing.add_argument("--json", action="store_true", help="a JSON array of records")
+    listing.set_defaults(run=command_list)
+
+    show = commands.add_parser("show", parents=[config], help="show one issued certificate")
+    show.add_argument("serial", metavar="SERIAL", help="hex, as in the API's serial")
+    show.add_argument("--json", action="store_true", help="the record as JSON, PEM included")
+    show.set_defaults(run=command_show)
     return parser
 
 

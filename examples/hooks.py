@@ -14,7 +14,7 @@ What it does:
 - Devices in the lab (client ids starting with ``lab``) get certificates for a week only.
 - Every certificate names the CA's CRL, so that relying parties can check revocation.
 - Each issuance is logged with its serial, in the form ``openssl x509 -serial`` prints it,
-  so the operator can find ``/var/lib/sapid/issued/<SERIAL>.pem``.
+  so the operator can find it with ``sapid show <SERIAL>``.
 """
 
 import datetime

@@ -4,9 +4,13 @@ separate processes, as operators and devices run them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import os
+import shutil
+import sqlite3
+import tempfile
 import signal
 import socket
 import subprocess
@@ -88,6 +92,40 @@ def make_csr(folder: Path, key: str = "p256", subject: str = "/CN=device1",
     return out
 
 
+def stored(state: Path, uri: str | None = None) -> list[dict]:
+    """Every certificate in a store, in the order added, read as an operator's script would:
+    with sqlite3 from ``<state>/sapid.db``, or with psycopg from a postgresql:// ``uri``.  Each
+    row's DER must parse, and its serial and fingerprint be the certificate's."""
+    query = ("SELECT serial, client_id, subject, sans, not_before, not_after, sha256, der,"
+             " issued_at, revoked_at, revocation_reason FROM certificates")
+    if uri:
+        import psycopg
+        with psycopg.connect(uri, user="root") as connection:     # peer auth, as root
+            cursor = connection.execute(query + " ORDER BY issued_at, serial")
+            names = [column.name for column in cursor.description]
+            rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    else:
+        path = state / "sapid.db"
+        if not path.exists():
+            return []
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            cursor = connection.execute(query + " ORDER BY rowid")
+            names = [column[0] for column in cursor.description]
+            rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+        finally:
+            connection.close()
+    from cryptography import x509
+    for row in rows:
+        row["der"] = bytes(row["der"])
+        certificate = x509.load_der_x509_certificate(row["der"])
+        assert format(certificate.serial_number, "X").zfill(len(row["serial"])) == row["serial"]
+        assert len(row["serial"]) % 2 == 0 and row["serial"].upper() == row["serial"]
+        assert hashlib.sha256(row["der"]).hexdigest() == row["sha256"], row["serial"]
+        row["certificate"] = certificate
+    return rows
+
+
 class Daemon:
     """A ``sapid serve`` process on a socket in a temporary folder."""
 
@@ -103,9 +141,14 @@ class Daemon:
         lines += [f"{key} = {value}" for key, value in settings.items()]
         self.config.write_text("[sapid]\n" + "\n".join(lines) + "\n")
         self.identity = identity
+        self.store_uri = settings.get("store")
         self.env = env or {}
         self.process = None
         self.notify = None
+
+    def stored(self) -> list[dict]:
+        """The rows of this daemon's store (see ``stored``)."""
+        return stored(self.state, self.store_uri)
 
     def start(self, args=(), wait=True, command=None):
         notify_path = str(self.folder / "notify.sock")
@@ -227,6 +270,109 @@ def curl(sock: str, path: str, method: str = "GET", data=None, headers=None, fol
     except ValueError:
         parsed = body
     return int(status), parsed, head
+
+
+def open_local_authority(folder: Path, state: Path, hooks=None, **settings):
+    """An Authority in process, over a real SQLite store in ``state``; and what closes it."""
+    import sapid
+    store = sapid.SQLiteStore(str(state / "sapid.db"))
+    store.prepare()
+    committer = sapid.Committer(store)
+    config = sapid.Config(identity=str(folder), state=str(state), **settings)
+    identity = sapid.Identity.load(str(folder), PASSPHRASE)
+    authority = sapid.Authority(config, identity, hooks or sapid.BUILTIN_HOOKS, committer,
+                                sapid.HookRunner(1))
+
+    def close():
+        committer.close()
+        store.close()
+    return authority, close
+
+
+@pytest.fixture
+def authority_for(tmp_path):
+    """``authority_for(identity folder, **settings)``: an in-process Authority (see above)."""
+    closers = []
+
+    def make(folder, **settings):
+        authority, close = open_local_authority(folder, tmp_path / f"store{len(closers)}",
+                                                **settings)
+        closers.append(close)
+        return authority
+    yield make
+    for close in closers:
+        close()
+
+
+# PostgreSQL --------------------------------------------------------------------------------------
+
+def postgres_bin(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    assert found, f"{name} not found: .ci/run installs Debian's postgresql"
+    return str(found[-1])
+
+
+class PostgresCluster:
+    """A PostgreSQL server of the tests' own (Debian's binaries, run as the postgres user) in
+    a private folder, listening only on a Unix socket there; root, as which the tests and
+    their daemons run, logs in by peer authentication as the role ``root``; the role
+    ``sapidpw`` logs in with the password ``PASSWORD`` instead."""
+
+    PASSWORD = "store password 42"
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="sapid-pg-"))
+        self.data, self.sockets = self.folder / "data", self.folder / "run"
+        self.sockets.mkdir()
+        shutil.chown(self.folder, "postgres", "postgres")
+        shutil.chown(self.sockets, "postgres", "postgres")
+        self.as_postgres(postgres_bin("initdb"), "-D", self.data, "-A", "peer", "-U", "postgres",
+                         "--no-sync")
+        hba = self.data / "pg_hba.conf"
+        hba.write_text("local all sapidpw scram-sha-256\n" + hba.read_text())
+        self.start()
+        self.as_postgres(postgres_bin("psql"), "-h", self.sockets, "-U", "postgres", "-d",
+                         "postgres", "-c", "CREATE ROLE root SUPERUSER LOGIN", "-c",
+                         f"CREATE ROLE sapidpw LOGIN PASSWORD '{self.PASSWORD}'")
+        self.count = 0
+
+    def as_postgres(self, *args, check=True):
+        return run(["runuser", "-u", "postgres", "--", *map(str, args)], check=check)
+
+    def start(self):
+        self.as_postgres(postgres_bin("pg_ctl"), "-D", self.data, "-l", self.folder / "log",
+                         "-w", "-o", f"-k {self.sockets} -c listen_addresses=''", "start")
+
+    def stop(self):
+        self.as_postgres(postgres_bin("pg_ctl"), "-D", self.data, "-m", "fast", "-w", "stop",
+                         check=False)
+
+    def database(self, owner: str | None = None) -> str:
+        """A new, empty database (of ``owner``, who then logs in to it); its libpq URI."""
+        self.count += 1
+        name = f"sapid{self.count}"
+        run(["psql", "-h", str(self.sockets), "-d", "postgres", "-c",
+             f"CREATE DATABASE {name}" + (f" OWNER {owner}" if owner else "")])
+        return f"postgresql://{owner + '@' if owner else ''}/{name}?host={self.sockets}"
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request):
+    """The ``store`` setting of each backend: unset (SQLite) or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return {}
+    return {"store": request.getfixturevalue("postgres").database()}
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import sapid
-from conftest import SAPID, make_csr, openssl_verify, run, sapid_env, write_hooks
+from conftest import SAPID, make_csr, openssl_verify, run, sapid_env, stored, write_hooks
 
 SOURCES = ("CREDENTIALS_DIRECTORY", "CA_PASSPHRASE", "terminal", "systemd-ask-password")
 
@@ -50,10 +50,9 @@ def one_error(done, *needles, code=1):
 
 
 def records(state):
-    index = state / "issued"
-    files = sorted(index.iterdir()) if index.exists() else []
-    journal = (state / "issued.pem").read_text() if (state / "issued.pem").exists() else ""
-    return files, journal
+    """(serial, client id, PEM) of each certificate in the store, in the order added."""
+    return [(row["serial"], row["client_id"], row["certificate"].public_bytes(
+        serialization.Encoding.PEM).decode()) for row in stored(state)]
 
 
 # sapid sign --------------------------------------------------------------------------------
@@ -101,20 +100,17 @@ def test_sign_records_the_certificate(identities, tmp_path):
         done = sapid_run("sign", "-c", config, csr)
         assert done.returncode == 0, done.stderr
         printed.append(done.stdout)
-    files, journal = records(state)
-    assert len(files) == 2
+    recorded = records(state)
+    serials = []
     for pem in printed:
         certificate = x509.load_pem_x509_certificate(pem.encode())
         serial = run(["openssl", "x509", "-noout", "-serial"], input=pem).stdout.strip()
         serial = serial.removeprefix("serial=")
         assert re.fullmatch(r"(?:[0-9A-F]{2})+", serial)
         assert serial == sapid.serial_hex(certificate.serial_number)
-        assert (state / "issued" / f"{serial}.pem").read_text() == pem
-        assert pem in journal
-        assert f"# serial {serial} client local at " in journal
-    # In the order they were signed; nothing but these two.
-    assert journal.index(printed[0]) < journal.index(printed[1])
-    assert journal.count("BEGIN CERTIFICATE") == 2
+        serials.append(serial)
+    # In the order they were signed, each as printed; nothing but these two.
+    assert recorded == [(serial, "local", pem) for serial, pem in zip(serials, printed)]
 
 
 def test_sign_client_id(identities, tmp_path):
@@ -122,14 +118,13 @@ def test_sign_client_id(identities, tmp_path):
     csr = make_csr(tmp_path, "p256")
     done = sapid_run("sign", "-c", config, "--client-id", "rack42unit7", csr)
     assert done.returncode == 0, done.stderr
-    _, journal = records(tmp_path / "state")
-    assert " client rack42unit7 at " in journal and " client local " not in journal
+    journal = records(tmp_path / "state")
+    assert [client for _, client, _ in journal] == ["rack42unit7"]
     # An id outside [A-Za-z0-9]{1,128} is refused before anything is signed.
     for bad in ("rack-42", "a" * 129):
         done = sapid_run("sign", "-c", config, "--client-id", bad, csr)
         one_error(done, "--client-id")
-    _, after = records(tmp_path / "state")
-    assert after == journal
+    assert records(tmp_path / "state") == journal
 
 
 def test_sign_reads_stdin(identities, tmp_path):
@@ -150,8 +145,7 @@ def test_sign_reads_stdin(identities, tmp_path):
     # The twin: an empty standard input is no CSR.
     done = sapid_run("sign", "-c", config, "-", input="")
     one_error(done, "not_a_csr")
-    files, _ = records(tmp_path / "state")
-    assert len(files) == 2
+    assert len(records(tmp_path / "state")) == 2
 
 
 def bad_csr(folder, kind):
@@ -184,8 +178,7 @@ def test_sign_refuses_a_bad_csr(identities, tmp_path, kind):
     done = sapid_run("sign", "-c", config, csr)
     one_error(done, code, csr.name)
     assert done.stdout == ""
-    files, journal = records(tmp_path / "state")
-    assert files == [] and "BEGIN CERTIFICATE" not in journal
+    assert records(tmp_path / "state") == []
 
 
 def test_sign_missing_csr_file(identities, tmp_path):

@@ -33,7 +33,7 @@ def test_every_option_is_documented():
     text = page("sapid.8")
     parser = sapid.build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"init", "serve", "sign", "check"}
+    assert set(commands) == {"init", "serve", "sign", "check", "list", "show"}
     for name, sub in commands.items():
         assert re.search(rf"\b{name}\b", text), name
         for action in sub._actions:
@@ -61,7 +61,7 @@ def test_every_config_key_is_documented():
             assert f"{default:g}" in text, f"default of {key} ({default:g}) missing"
     example = (ROOT / "examples" / "sapid.conf").read_text()
     for key in sapid.CONFIG_KEYS:
-        assert re.search(rf"^{key} = ", example, re.M), f"{key} missing from examples/sapid.conf"
+        assert re.search(rf"^{key} =( |$)", example, re.M), f"{key} missing from examples/sapid.conf"
 
 
 def test_every_hook_is_documented():

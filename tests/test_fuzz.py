@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, Daemon
+from conftest import Daemon, open_local_authority
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -466,17 +466,20 @@ def resigned_bodies(draw) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def authority(identities) -> sapid.Authority:
-    folder = identities("p256")
-    config = sapid.Config(identity=str(folder))
-    identity = sapid.Identity.load(str(folder), PASSPHRASE)
-    return sapid.Authority(config, identity, sapid.BUILTIN_HOOKS, None, sapid.HookRunner(1))
+def authority(identities, tmp_path_factory) -> sapid.Authority:
+    made, close = open_local_authority(identities("p256"), tmp_path_factory.mktemp("store"))
+    yield made
+    close()
+
+
+def issue(authority: sapid.Authority, body: bytes) -> sapid.Issued:
+    return authority.wait(authority.issue(sapid.Signing(body, "fuzz")))
 
 
 def issue_or_refuse(authority: sapid.Authority, body: bytes) -> None:
     """Only a 4xx RequestError with a CSR code may come out; a certificate fits the profile."""
     try:
-        issued = authority.issue(sapid.Signing(body, "fuzz"))
+        issued = issue(authority, body)
     except sapid.RequestError as refused:
         assert 400 <= refused.status < 500, (refused.status, refused.code, refused.message)
         assert refused.code in CSR_CODES, refused.code
@@ -505,10 +508,10 @@ def test_mutated_and_resigned_csrs_in_process(authority, body):
 def test_mutation_controls(authority):
     """The fuzzers' inputs reach the checks they aim at: unmutated, every seed is signed."""
     for body in VALID_BODIES + [signed(info) for info in REQUEST_INFOS]:
-        certificate = authority.issue(sapid.Signing(body, "fuzz")).certificate
+        certificate = issue(authority, body).certificate
         assert_profile(certificate, sapid.parse_csr(body), authority.identity.certificate)
     with pytest.raises(sapid.RequestError) as refused:
-        authority.issue(sapid.Signing(signed(REQUEST_INFOS[0])[:-1], "fuzz"))
+        issue(authority, signed(REQUEST_INFOS[0])[:-1])
     assert refused.value.code == "not_a_csr"
 
 

@@ -56,12 +56,9 @@ def public_key_hash(csr_path: Path) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
 
 
-def issued_files(daemon) -> set:
-    return {path.name for path in (daemon.state / "issued").iterdir()}
-
-
-def journal(daemon) -> str:
-    return (daemon.state / "issued.pem").read_text()
+def issued(daemon) -> dict:
+    """SERIAL -> client id of each certificate in the daemon's store."""
+    return {row["serial"]: row["client_id"] for row in daemon.stored()}
 
 
 def wait_for_file(path: Path, timeout: float) -> None:
@@ -342,11 +339,11 @@ def test_authorize_refuses(daemon_factory, tmp_path):
     for client in ("confused", "backwards"):
         status, reply = daemon.sign(csr, client)
         assert (status, reply["error"]) == (500, "hook_error"), reply
-    assert issued_files(daemon) == set() and journal(daemon) == ""
+    assert issued(daemon) == {}
     # The negative twin: another client is signed.
     status, reply = daemon.sign(csr, "device1")
     assert status == 200, reply
-    assert issued_files(daemon) == {f"{reply['serial']}.pem"}
+    assert issued(daemon) == {reply["serial"]: "device1"}
     assert 'outcome=refused client_id="banned"' in daemon.output()
 
 
@@ -365,7 +362,7 @@ def test_crashing_hook_is_a_hook_error(daemon_factory, tmp_path, phase):
     status, reply = daemon.sign(csr, "device1")
     assert status == 200, reply
     assert "Traceback" not in daemon.output()
-    before = issued_files(daemon)
+    before = set(issued(daemon))
 
     status, reply, head = daemon.curl("/api/csr/crash", "PUT", csr)
     assert status == 500 and head.startswith("HTTP/1.1 500"), reply
@@ -376,22 +373,22 @@ def test_crashing_hook_is_a_hook_error(daemon_factory, tmp_path, phase):
     assert "Traceback (most recent call last)" in log and \
         "RuntimeError: the inventory password is hunter2" in log, log
 
-    added = issued_files(daemon) - before
+    rows = {row["serial"]: row for row in daemon.stored()}
+    added = set(rows) - before
     if phase == "postsign":
         # Signed and recorded before postsign ran: withheld from the client, not lost.
         assert len(added) == 1, added
-        serial = added.pop().removesuffix(".pem")
-        assert f"# serial {serial} client crash " in journal(daemon)
+        serial = added.pop()
+        assert rows[serial]["client_id"] == "crash"
         assert 'outcome=withheld client_id="crash"' in log and serial in log
-        withheld = x509.load_pem_x509_certificate(
-            (daemon.state / "issued" / f"{serial}.pem").read_bytes())
+        withheld = rows[serial]["certificate"]
         assert withheld.public_key() == x509.load_pem_x509_csr(csr.read_bytes()).public_key()
     else:
-        assert added == set() and "client crash" not in journal(daemon)
+        assert added == set() and "crash" not in issued(daemon).values()
     # The daemon goes on signing.
     status, reply = daemon.sign(csr, "device2")
     assert status == 200, reply
-    assert f"{reply['serial']}.pem" in issued_files(daemon)
+    assert reply["serial"] in issued(daemon)
 
 
 def test_hook_calling_sys_exit_is_a_hook_error(daemon_factory, tmp_path):
@@ -459,17 +456,17 @@ def test_hook_timeout(daemon_factory, tmp_path):
     # The hook cannot be interrupted; when it returns at last, its draft is discarded.
     wait_for_file(tmp_path / "presign-returned", 8)
     time.sleep(0.3)
-    assert issued_files(daemon) == set() and journal(daemon) == ""
+    assert issued(daemon) == {}
 
     # In postsign, the certificate is withheld and stays in the records.
     started = time.monotonic()
     status, reply = daemon.sign(csr, "slowpost")
     assert (status, reply["error"]) == (503, "hook_timeout") and time.monotonic() - started < 2.5
-    assert len(issued_files(daemon)) == 1 and "client slowpost " in journal(daemon)
+    assert list(issued(daemon).values()) == ["slowpost"]
     # The negative twin: a client whose hooks return in time.
     status, reply = daemon.sign(csr, "fast")
     assert status == 200, reply
-    assert len(issued_files(daemon)) == 2
+    assert sorted(issued(daemon).values()) == ["fast", "slowpost"]
 
 
 # What hooks decide and change ------------------------------------------------------------------
@@ -479,6 +476,7 @@ def test_presign_edits_and_postsign_sees_the_final_certificate(daemon_factory, t
     write_hooks(tmp_path, f"""\
         import json
         import os
+        import sqlite3
         import sapid
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes
@@ -512,7 +510,9 @@ def test_presign_edits_and_postsign_sees_the_final_certificate(daemon_factory, t
                     "is_certificate": isinstance(certificate, x509.Certificate),
                     "serial": serial,
                     "sha256": certificate.fingerprint(hashes.SHA256()).hex(),
-                    "recorded": os.path.exists(os.path.join(STATE, "issued", serial + ".pem")),
+                    "recorded": sqlite3.connect(os.path.join(STATE, "sapid.db")).execute(
+                        "SELECT count(*) FROM certificates WHERE serial = ?", (serial,)
+                    ).fetchone()[0] == 1,
                     "extensions": sorted(e.oid.dotted_string for e in certificate.extensions),
                 }}
                 with open(os.path.join(HERE, f"postsign-{{self.client_id}}.json"), "w") as f:
@@ -584,7 +584,7 @@ def test_validity_from_authorize_and_custom_serial_numbers(daemon_factory, tmp_p
         assert shown[1] - shown[0] == validity + BACKDATE
         assert re.fullmatch(r"5A9D[0-9A-F]{32}", reply["serial"]), reply["serial"]
         assert certificate.serial_number == int(reply["serial"], 16)
-        assert (daemon.state / "issued" / f"{reply['serial']}.pem").exists()
+        assert issued(daemon)[reply["serial"]] == client
         serials.append(reply["serial"])
     # The hook is called per certificate, not once.
     assert serials[0] != serials[1]
@@ -823,12 +823,12 @@ def test_example_hooks(daemon_factory, tmp_path):
          "DNS names only"),
         (csr("www.bank.example", "DNS:z.devices.example.com"), "sensor42", "common name"),
     ]
-    count = len(issued_files(daemon))
+    count = len(issued(daemon))
     for path, client, why in refusals:
         status, reply = daemon.sign(path, client)
         assert status == 403 and reply["error"] == "not_authorized", (client, reply)
         assert why in reply["message"], reply
-    assert len(issued_files(daemon)) == count == 2
+    assert len(issued(daemon)) == count == 2
 
     # Without its client list, the example refuses the start, saying which file is missing.
     bare = tmp_path / "bare"

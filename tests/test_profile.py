@@ -19,14 +19,9 @@ HASHES = {"p256": hashes.SHA256, "p384": hashes.SHA384, "rsa2048": hashes.SHA256
           "ed25519": type(None)}
 
 
-def authority_for(folder, records=None, **settings) -> sapid.Authority:
-    config = sapid.Config(identity=str(folder), **settings)
-    identity = sapid.Identity.load(str(folder), PASSPHRASE)
-    return sapid.Authority(config, identity, sapid.BUILTIN_HOOKS, records, sapid.HookRunner(1))
-
-
 def issue(authority, csr_path, client_id="device1") -> x509.Certificate:
-    return authority.issue(sapid.Signing(csr_path.read_bytes(), client_id)).certificate
+    return authority.wait(authority.issue(sapid.Signing(csr_path.read_bytes(),
+                                                        client_id))).certificate
 
 
 def extensions_of(certificate) -> dict:
@@ -35,7 +30,7 @@ def extensions_of(certificate) -> dict:
 
 @pytest.mark.parametrize("ca_key", CA_KEYS)
 @pytest.mark.parametrize("csr_key", ["rsa2048", "p256", "ed25519"])
-def test_default_profile(identities, tmp_path, ca_key, csr_key):
+def test_default_profile(authority_for, identities, tmp_path, ca_key, csr_key):
     authority = authority_for(identities(ca_key))
     ca = authority.identity.certificate
     certificate = issue(authority, make_csr(tmp_path, csr_key, "/CN=device1/O=Example",
@@ -75,21 +70,21 @@ def test_default_profile(identities, tmp_path, ca_key, csr_key):
     assert [str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)] == ["192.0.2.7"]
 
 
-def test_empty_subject_makes_san_critical(identities, tmp_path):
+def test_empty_subject_makes_san_critical(authority_for, identities, tmp_path):
     authority = authority_for(identities("p256"))
     certificate = issue(authority, make_csr(tmp_path, subject="/", sans="DNS:only.example"))
     assert len(certificate.subject) == 0
     assert certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical
 
 
-def test_no_san_no_extension(identities, tmp_path):
+def test_no_san_no_extension(authority_for, identities, tmp_path):
     authority = authority_for(identities("p256"))
     certificate = issue(authority, make_csr(tmp_path, sans=None))
     with pytest.raises(x509.ExtensionNotFound):
         certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
 
 
-def test_only_san_is_taken_from_the_csr(identities, tmp_path):
+def test_only_san_is_taken_from_the_csr(authority_for, identities, tmp_path):
     authority = authority_for(identities("p256"))
     csr = make_csr(tmp_path, extra=(
         "basicConstraints=critical,CA:TRUE,pathlen:3", "keyUsage=critical,keyCertSign",
@@ -105,7 +100,7 @@ def test_only_san_is_taken_from_the_csr(identities, tmp_path):
     assert ExtensionOID.CRL_DISTRIBUTION_POINTS not in found
 
 
-def test_validity_and_backdate(identities, tmp_path):
+def test_validity_and_backdate(authority_for, identities, tmp_path):
     authority = authority_for(identities("p256"), validity_days=30, backdate_seconds=60)
     before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     certificate = issue(authority, make_csr(tmp_path))
@@ -115,7 +110,7 @@ def test_validity_and_backdate(identities, tmp_path):
     assert end - start == datetime.timedelta(days=30, seconds=60)
 
 
-def test_validity_clamped_to_the_ca(tmp_path):
+def test_validity_clamped_to_the_ca(authority_for, tmp_path):
     """A CA with 10 days left issues certificates that end when it does."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -139,7 +134,7 @@ def test_validity_clamped_to_the_ca(tmp_path):
     assert aki.key_identifier == x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest
 
 
-def test_serials_are_random_and_in_range(identities, tmp_path):
+def test_serials_are_random_and_in_range(authority_for, identities, tmp_path):
     authority = authority_for(identities("p256"))
     csr = make_csr(tmp_path)
     serials = [issue(authority, csr).serial_number for _ in range(64)]
@@ -166,7 +161,7 @@ def test_serial_hex_is_even_length_upper_case():
     assert sapid.serial_hex(0xABCD) == "ABCD"
 
 
-def test_draft_editing(identities, tmp_path):
+def test_draft_editing(authority_for, identities, tmp_path):
     authority = authority_for(identities("p256"))
     checked = sapid.check_csr(sapid.parse_csr(make_csr(tmp_path).read_bytes()))
     draft = authority.draft(checked, datetime.timedelta(days=1))

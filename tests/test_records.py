@@ -1,268 +1,336 @@
-"""Concurrency and the issued records: nothing signed is lost, every serial is distinct."""
+"""The store (DESIGN.md "Store"): every certificate signed is in it once, byte for byte, with
+its client id; SQLite by default, PostgreSQL when configured; an earlier sapid's journal and
+index files are imported once; ``sapid list`` and ``sapid show`` read it while the daemon runs."""
 
 from __future__ import annotations
 
-import fcntl
+import datetime
 import json
 import os
+import shutil
 import signal
+import sqlite3
+import stat
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 import sapid
-from conftest import SAPID, make_csr, openssl_verify, sapid_env
+from conftest import (ROOT, SAPID, PASSPHRASE, make_csr, openssl_verify, run, sapid_env, stored,
+                      write_hooks)
+
+LEGACY = ROOT / "tests" / "data" / "legacy-state"
 
 
-def test_200_requests_from_20_clients(daemon, tmp_path):
+def sapid_cli(*args, check=True):
+    done = subprocess.run([*SAPID, *map(str, args)], env=sapid_env(), capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert "Traceback" not in done.stderr, done.stderr
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_200_requests_from_20_clients(daemon_factory, store, tmp_path):
+    daemon = daemon_factory(**store)
     csrs = [make_csr(tmp_path, key, name=f"c{i}")
             for i, key in enumerate(["p256", "rsa2048", "ed25519", "p384"])]
 
     def client(number):
-        replies = []
-        for i in range(10):
-            status, reply = daemon.sign(csrs[(number + i) % len(csrs)], f"client{number}")
-            replies.append((status, reply))
-        return replies
+        return [(f"client{number}", *daemon.sign(csrs[(number + i) % len(csrs)],
+                                                 f"client{number}")) for i in range(10)]
 
     with ThreadPoolExecutor(20) as pool:
         replies = [r for batch in pool.map(client, range(20)) for r in batch]
-    assert len(replies) == 200
-    assert all(status == 200 for status, _ in replies), [r for r in replies if r[0] != 200][:3]
-    serials = [reply["serial"] for _, reply in replies]
+    assert all(status == 200 for _, status, _ in replies), [r for r in replies if r[1] != 200][:3]
+    serials = [reply["serial"] for _, _, reply in replies]
     assert len(set(serials)) == 200
     certs = tmp_path / "certs"
     certs.mkdir()
     paths = []
-    for serial, (_, reply) in zip(serials, replies):
+    for serial, (_, _, reply) in zip(serials, replies):
         path = certs / f"{serial}.pem"
         path.write_text(reply["signed_x509_pem"])
         paths.append(path)
     verified = openssl_verify(daemon.identity / "ca.cert.pem", *paths)
     assert verified.returncode == 0 and verified.stdout.count(": OK") == 200
-    # Every one is recorded: an index file each and one journal record each, and audited.
-    index = daemon.state / "issued"
-    assert sorted(p.stem for p in index.glob("*.pem")) == sorted(serials)
-    journal = (daemon.state / "issued.pem").read_bytes()
-    assert journal.count(b"-----BEGIN CERTIFICATE-----") == 200
-    assert sorted(c.serial_number for c in x509.load_pem_x509_certificates(journal)) == sorted(
-        int(s, 16) for s in serials)
+    # Each is in the store once, as the client received it, with what the reply said of it.
+    rows = {row["serial"]: row for row in daemon.stored()}
+    assert sorted(rows) == sorted(serials)
+    for client_id, _, reply in replies:
+        row = rows[reply["serial"]]
+        assert row["client_id"] == client_id
+        assert row["certificate"] == x509.load_pem_x509_certificate(
+            reply["signed_x509_pem"].encode())
+        assert row["sha256"] == reply["sha256_fingerprint"]
+        assert (str(row["not_after"]).replace(" ", "T").replace("+00:00", "Z")
+                == reply["not_after"])
+        assert json.loads(row["sans"]) == ["DNS:device1.example"]
+        assert row["subject"] == "CN=device1" and row["revoked_at"] is None
     log = daemon.output()
     assert log.count("audit outcome=issued") == 200
-    for serial in serials:
-        assert f'serial="{serial}"' in log
     assert daemon.curl("/api/health")[1]["certificates_issued"] == 200
 
 
-def test_journal_records_and_index_rebuild(daemon_factory, tmp_path):
+def test_the_sqlite_store_is_a_plain_file_operators_can_read(daemon, tmp_path):
+    status, reply = daemon.sign(make_csr(tmp_path), "plain")
+    assert status == 200, reply
+    database = daemon.state / "sapid.db"
+    assert stat.S_IMODE(database.stat().st_mode) == 0o640
+    assert stat.S_IMODE(daemon.state.stat().st_mode) == 0o750
+    # The operator's own tools: the sqlite3 shell, and a backup taken while the daemon runs.
+    shell = run(["sqlite3", str(database), "PRAGMA journal_mode;",
+                 "SELECT value FROM sapid_meta WHERE name = 'schema';",
+                 "SELECT serial, client_id FROM certificates;"]).stdout.split()
+    assert shell == ["wal", "1", f"{reply['serial']}|plain"]
+    indexes = run(["sqlite3", str(database), ".indexes certificates"]).stdout.split()
+    assert {"certificates_by_client", "certificates_by_not_after",
+            "certificates_revoked"} <= set(indexes), indexes
+    run(["sqlite3", str(database), f".backup {tmp_path / 'copy.db'}"])
+    copy = sqlite3.connect(tmp_path / "copy.db")
+    assert copy.execute("SELECT serial FROM certificates").fetchall() == [(reply["serial"],)]
+    # What an earlier sapid wrote is not there: no journal, no index folder.
+    assert sorted(os.listdir(daemon.state)) == ["sapid.db", "sapid.db-shm", "sapid.db-wal"]
+
+
+def test_a_store_newer_than_this_sapid_is_refused(daemon_factory):
     daemon = daemon_factory()
-    serials = [daemon.sign(make_csr(tmp_path, name=f"r{i}"), f"client{i}")[1]["serial"]
-               for i in range(3)]
-    journal = daemon.state / "issued.pem"
-    text = journal.read_text()
-    for i, serial in enumerate(serials):
-        assert f"# serial {serial} client client{i} at " in text
-        assert (daemon.state / "issued" / f"{serial}.pem").exists()
     assert daemon.stop() == 0
-    # Lose an index file, tear the journal's tail as a crash mid-write would: a restart mends both.
-    lost = daemon.state / "issued" / f"{serials[1]}.pem"
-    expected = lost.read_bytes()
-    lost.unlink()
-    (daemon.state / "issued" / ".DEAD.1.tmp").write_text("partial")
-    with open(journal, "ab") as file:
-        file.write(b"# serial 00FF client x at 2026\n-----BEGIN CERTIFICATE-----\nMIIB")
-    daemon.start()
-    assert lost.read_bytes() == expected
-    assert not (daemon.state / "issued" / ".DEAD.1.tmp").exists()
-    assert journal.read_bytes().endswith(b"-----END CERTIFICATE-----\n")
-    assert len(x509.load_pem_x509_certificates(journal.read_bytes())) == 3
-    assert daemon.curl("/api/health")[1]["certificates_issued"] == 3
-    assert "unfinished record" in daemon.output()
+    with sqlite3.connect(daemon.state / "sapid.db") as connection:
+        connection.execute("UPDATE sapid_meta SET value = '99' WHERE name = 'schema'")
+    done = subprocess.run([*SAPID, "serve", "-c", str(daemon.config)], env=sapid_env(),
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().endswith("schema version 99 is newer than this sapid's (1); "
+                                        "run a newer sapid"), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_serial_collision_draws_another(identities, tmp_path):
-    """A hooks serial generator that repeats itself: the second draw is taken."""
-    records = sapid.Records(str(tmp_path / "state"))
+    """A hooks serial generator that repeats itself: the second draw is taken, and a third
+    draw gives an unused one."""
+    store = sapid.SQLiteStore(str(tmp_path / "state" / "sapid.db"))
+    store.prepare()
+    committer = sapid.Committer(store)
     drawn = iter([7, 7, 8])
     hooks = sapid.HookSet(None, sapid.SigningHooks, sapid.boot, lambda: next(drawn),
                           frozenset({"serial_number"}))
     config = sapid.Config(identity=str(identities("p256")))
-    identity = sapid.Identity.load(config.identity, "correct horse battery staple")
-    authority = sapid.Authority(config, identity, hooks, records, sapid.HookRunner(2))
+    identity = sapid.Identity.load(config.identity, PASSPHRASE)
+    authority = sapid.Authority(config, identity, hooks, committer, sapid.HookRunner(2))
     csr = make_csr(tmp_path).read_bytes()
-    assert authority.issue(sapid.Signing(csr, "a")).serial == "07"
-    assert authority.issue(sapid.Signing(csr, "b")).serial == "08"
-    assert sorted(os.listdir(tmp_path / "state" / "issued")) == ["07.pem", "08.pem"]
+    try:
+        assert authority.wait(authority.issue(sapid.Signing(csr, "a"))).serial == "07"
+        assert authority.wait(authority.issue(sapid.Signing(csr, "b"))).serial == "08"
+    finally:
+        committer.close()
+        store.close()
+    assert [(row["serial"], row["client_id"]) for row in stored(tmp_path / "state")] == [
+        ("07", "a"), ("08", "b")]
 
 
-def test_unwritable_state_gives_503_and_no_certificate(daemon, tmp_path):
-    if os.geteuid() == 0:
-        # root ignores modes: make the index unusable another way, by a file in its place.
-        index = daemon.state / "issued"
-        moved = daemon.state / "issued.moved"
-        index.rename(moved)
-        index.write_text("not a folder")
-    status, reply = daemon.sign(make_csr(tmp_path))
-    assert (status, reply["error"]) == (503, "store_failed"), reply
-    assert "signed_x509_pem" not in reply
-    assert b"BEGIN CERTIFICATE" not in (daemon.state / "issued.pem").read_bytes()
-    index.unlink()
-    moved.rename(index)
-    assert daemon.sign(make_csr(tmp_path, name="again"))[0] == 200
-
-
-def test_a_clean_stop_spares_the_next_start_reading_every_record(daemon_factory, tmp_path):
-    """A clean stop notes how the records look; a start that finds them so takes the count
-    from the note; a crash, or any change made while stopped, means the whole check again."""
-    daemon = daemon_factory()
+def test_sapid_sign_beside_a_running_daemon_is_counted_and_listed(daemon, tmp_path):
     csr = make_csr(tmp_path)
-    for i in range(3):
-        assert daemon.sign(csr, f"c{i}")[0] == 200
-    note = daemon.state / "issued.clean"
-    assert not note.exists()
-    assert daemon.stop() == 0
-    assert json.loads(note.read_text())["certificates"] == 3
-    daemon.start()
-    assert not note.exists()                # used up: from here on a crash is no clean stop
-    assert "3 certificates, unchanged since a clean stop" in daemon.output()
+    assert daemon.sign(csr, "first")[0] == 200
+    done = sapid_cli("sign", "-c", daemon.config, "--client-id", "offline", csr)
+    offline = x509.load_pem_x509_certificate(done.stdout.encode())
+    assert daemon.curl("/api/health")[1]["certificates_issued"] == 2
+    listed = json.loads(sapid_cli("list", "-c", daemon.config, "--json").stdout)
+    assert [entry["client_id"] for entry in listed] == ["first", "offline"]
+    assert listed[1]["serial"] == sapid.serial_hex(offline.serial_number)
+    assert daemon.sign(csr, "third")[0] == 200
     assert daemon.curl("/api/health")[1]["certificates_issued"] == 3
-    status, reply = daemon.sign(csr, "c3")
-    assert status == 200, reply
-    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
-    assert not note.exists()
-    # What a crash between an index file and its journal record leaves: found by the check.
-    stray = daemon.state / "issued" / "0ABCDEF0.pem"
-    stray.write_bytes((daemon.state / "issued" / f"{reply['serial']}.pem").read_bytes())
-    daemon.start()
-    assert "4 certificates, checked against" in daemon.output()
-    assert not stray.exists() and (daemon.state / "unjournaled" / stray.name).exists()
-    assert daemon.stop() == 0
-    # A journal changed while stopped no longer looks as the note says.
-    assert json.loads(note.read_text())["certificates"] == 4
-    with open(daemon.state / "issued.pem", "ab") as file:
-        file.write(b"# serial 00FF client x at 2026\n-----BEGIN CERTIFICATE-----\nMIIB")
-    daemon.start()
-    assert daemon.output().count("4 certificates, checked against") == 2
-    assert daemon.curl("/api/health")[1]["certificates_issued"] == 4
 
 
-def test_workers_leave_a_clean_note_only_if_every_worker_ended_well(daemon_factory, tmp_path):
-    daemon = daemon_factory(workers=2)
+SHORT_HOOKS = """\
+    import datetime
+    import sapid
+
+    class Hooks(sapid.SigningHooks):
+        def authorize(self, subject_alt_names):
+            if self.client_id.startswith("short"):
+                return datetime.timedelta(days=3)
+    """
+
+
+def test_list_and_show(daemon_factory, store, tmp_path):
+    """``sapid list`` by client and by expiry, as text and JSON, and ``sapid show``, while the
+    daemon runs; each filter also leaves out what it must."""
+    daemon = daemon_factory(hooks=str(write_hooks(tmp_path, SHORT_HOOKS)), **store)
     csr = make_csr(tmp_path)
-    for i in range(4):
-        assert daemon.sign(csr, f"c{i}")[0] == 200
-    assert daemon.stop() == 0
-    note = daemon.state / "issued.clean"
-    assert json.loads(note.read_text())["certificates"] == 4
-    daemon.start()
-    assert "4 certificates, unchanged since a clean stop" in daemon.output()
-    pid = daemon.process.pid
-    with open(f"/proc/{pid}/task/{pid}/children") as file:
-        worker = int(file.read().split()[0])
-    os.kill(worker, signal.SIGKILL)        # it could have been between index and journal
-    deadline = time.monotonic() + 10
-    while "ended unexpectedly" not in daemon.output() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert daemon.sign(csr, "c4")[0] == 200
-    assert daemon.stop() == 0
-    assert not note.exists()
-    daemon.start()
-    assert "5 certificates, checked against" in daemon.output()
+    replies = {}
+    for client in ("short1", "long1", "long2", "short2"):
+        status, reply = daemon.sign(csr, client)
+        assert status == 200, reply
+        replies[client] = reply
+    config = daemon.config
+
+    everything = json.loads(sapid_cli("list", "-c", config, "--json").stdout)
+    assert [entry["client_id"] for entry in everything] == ["short1", "long1", "long2", "short2"]
+    assert everything[0] == {
+        "serial": replies["short1"]["serial"], "client_id": "short1", "subject": "CN=device1",
+        "sans": ["DNS:device1.example"], "not_before": replies["short1"]["not_before"],
+        "not_after": replies["short1"]["not_after"],
+        "sha256_fingerprint": replies["short1"]["sha256_fingerprint"],
+        "issued_at": everything[0]["issued_at"], "status": "valid", "revoked_at": None,
+        "revocation_reason": None}
+    issued_at = datetime.datetime.strptime(everything[0]["issued_at"], "%Y-%m-%dT%H:%M:%SZ")
+    assert abs(issued_at - datetime.datetime.utcnow()) < datetime.timedelta(minutes=5)
+
+    mine = json.loads(sapid_cli("list", "-c", config, "--client", "long2", "--json").stdout)
+    assert [entry["serial"] for entry in mine] == [replies["long2"]["serial"]]
+    assert json.loads(sapid_cli("list", "-c", config, "--client", "nobody", "--json").stdout) == []
+    soon = json.loads(sapid_cli("list", "-c", config, "--expiring", "30", "--json").stdout)
+    assert sorted(entry["client_id"] for entry in soon) == ["short1", "short2"]
+    assert sapid_cli("list", "-c", config, "--expiring", "1", "--json").stdout.strip() == "[\n]"
+    assert len(json.loads(sapid_cli("list", "-c", config, "--expiring", "400",
+                                    "--json").stdout)) == 4
+    assert json.loads(sapid_cli("list", "-c", config, "--revoked", "--json").stdout) == []
+
+    lines = sapid_cli("list", "-c", config).stdout.splitlines()
+    assert len(lines) == 4
+    serial, not_after, status, client, subject = lines[1].split()
+    assert (serial, not_after, status, client, subject) == (
+        replies["long1"]["serial"], replies["long1"]["not_after"], "valid", "long1",
+        '"CN=device1"')
+
+    # show: by serial in any spelling openssl or a person would use.
+    wanted = replies["long1"]["serial"]
+    for spelling in (wanted, wanted.lower(), ":".join(wanted[i:i + 2]
+                                                      for i in range(0, len(wanted), 2))):
+        shown = sapid_cli("show", "-c", config, spelling).stdout
+        assert f"serial: {wanted}\n" in shown and "client_id: long1\n" in shown
+        assert "status: valid\n" in shown
+        pem = shown[shown.index("-----BEGIN CERTIFICATE-----"):]
+        assert pem == replies["long1"]["signed_x509_pem"]
+    leaf = tmp_path / "shown.pem"
+    leaf.write_text(pem)
+    assert openssl_verify(daemon.identity / "ca.cert.pem", leaf).returncode == 0
+    document = json.loads(sapid_cli("show", "-c", config, "--json", wanted).stdout)
+    assert document["pem"] == replies["long1"]["signed_x509_pem"]
+    assert document["client_id"] == "long1"
+
+    # The twins: an unknown serial, something that is no serial, a bad client id.
+    for args, needle in ((("show", "0BADC0DE"), "no certificate with serial 0BADC0DE in "),
+                         (("show", "xyz"), "'xyz' is not a serial number"),
+                         (("list", "--client", "a-b"), "--client 'a-b'")):
+        done = sapid_cli(args[0], "-c", config, *args[1:], check=False)
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.startswith("sapid: error: ") and needle in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
 
 
-def test_workers_moved_to_another_state_folder_leave_no_clean_note(daemon_factory, tmp_path):
-    """After a reload changes ``state``, each worker counts in its own records, so the count
-    the supervisor could note would be wrong: the next start checks every record instead."""
-    daemon = daemon_factory(workers=2)
+def test_list_without_a_store_says_so(tmp_path, identities):
+    config = tmp_path / "sapid.conf"
+    config.write_text(f"[sapid]\nidentity = {identities('p256')}\nstate = {tmp_path / 'none'}\n")
+    done = sapid_cli("list", "-c", config, check=False)
+    assert done.returncode == 1
+    assert done.stderr == (f"sapid: error: {tmp_path / 'none' / 'sapid.db'}: no store here yet "
+                           "(sapid creates it at its first start)\n")
+    assert not (tmp_path / "none").exists()
+
+
+def test_an_earlier_sapids_records_are_imported_once(daemon_factory, store, tmp_path):
+    """A state folder as sapid 0.1 left it (a journal with a torn tail after a crash, an index
+    file whose journal record never came), started by this sapid: every certificate is in the
+    store with its client id, the old files stay, and a second start imports nothing again."""
+    daemon = daemon_factory(start=False, **store)
+    shutil.copytree(LEGACY, daemon.state)
+    before = {path.name: path.read_bytes() for path in daemon.state.rglob("*") if path.is_file()}
+    journal = (daemon.state / "issued.pem").read_bytes()
+    index = {path.stem: path.read_bytes() for path in (daemon.state / "issued").glob("*.pem")}
+    daemon.start()
+    log = daemon.output()
+    assert ("imported 6 certificates from 5 journal records and 1 index files of an earlier "
+            "sapid") in log, log
+    assert "bytes of an unfinished last record, not imported" in log
+    rows = {row["serial"]: row for row in daemon.stored()}
+    assert sorted(rows) == sorted(index)
+    for serial, pem in index.items():
+        assert rows[serial]["certificate"] == x509.load_pem_x509_certificate(pem)
+        assert rows[serial]["client_id"] == ("" if f"# serial {serial} ".encode() not in journal
+                                             else journal.split(f"# serial {serial} client ".encode()
+                                                                )[1].split(b" ")[0].decode())
+    assert sorted(row["client_id"] for row in rows.values()) == [
+        "", "legacy1", "legacy2", "legacy3", "legacy4", "offline"]
+    ca = ROOT / "tests" / "data" / "legacy-state-ca.pem"
+    leaf = tmp_path / "imported.pem"
+    leaf.write_bytes(next(iter(rows.values()))["certificate"].public_bytes(
+        serialization.Encoding.PEM))
+    assert openssl_verify(ca, leaf).returncode == 0
+    assert daemon.curl("/api/health")[1]["certificates_issued"] == 6
+    # The old files are left as they were.
+    assert {path.name: path.read_bytes() for path in daemon.state.rglob("*")
+            if path.is_file() and not path.name.startswith("sapid.db")} == before
+    status, reply = daemon.sign(make_csr(tmp_path), "new")
+    assert status == 200, reply
+    assert daemon.stop() == 0
+    daemon.start()
+    assert daemon.output().count("imported 6 certificates") == 1
+    assert len(daemon.stored()) == 7
+    assert daemon.curl("/api/health")[1]["certificates_issued"] == 7
+
+
+def test_a_reload_keeps_the_store_until_a_restart(daemon, tmp_path):
+    csr = make_csr(tmp_path)
+    assert daemon.sign(csr, "before")[0] == 200
     moved = tmp_path / "moved"
     daemon.config.write_text(daemon.config.read_text().replace(f"state = {daemon.state}",
                                                                f"state = {moved}"))
     daemon.process.send_signal(signal.SIGHUP)
     daemon.wait_for("READY=1")
-    time.sleep(0.5)                                  # the workers reload on their own
-    assert daemon.sign(make_csr(tmp_path), "c")[0] == 200
-    assert daemon.stop() == 0
-    assert not (moved / "issued.clean").exists()
-    assert not (daemon.state / "issued.clean").exists()
+    assert f"reload: the store stays {daemon.state / 'sapid.db'} until a restart" in \
+        daemon.output()
+    assert daemon.sign(csr, "after")[0] == 200
+    assert [row["client_id"] for row in daemon.stored()] == ["before", "after"]
+    assert not moved.exists()
 
 
-def test_a_journal_write_waits_for_another_writers_lock(daemon, tmp_path):
-    """Forked workers and ``sapid sign`` append to one journal, and a failed write is cut off
-    again: each write holds a lock on the journal so that the cut never takes another process's
-    record with it. While another process holds that lock, a signing waits."""
-    csr = make_csr(tmp_path)
-    with open(daemon.state / "issued.pem", "r+b") as journal, ThreadPoolExecutor(1) as pool:
-        fcntl.lockf(journal, fcntl.LOCK_EX, 1, 0)  # the write lock: the journal's first byte
-        pending = pool.submit(daemon.sign, csr, "waits")
-        time.sleep(1.0)
-        assert not pending.done()
-        fcntl.lockf(journal, fcntl.LOCK_UN, 1, 0)
-        status, reply = pending.result(timeout=10)
+def test_check_reports_the_store(daemon, tmp_path):
+    assert daemon.sign(make_csr(tmp_path), "one")[0] == 200
+    done = sapid_cli("check", "-c", daemon.config)
+    assert done.stdout.strip().endswith(f"store {daemon.state / 'sapid.db'} (1 certificates)")
+    fresh = Path(tmp_path / "fresh.conf")
+    fresh.write_text(daemon.config.read_text().replace(f"state = {daemon.state}",
+                                                       f"state = {tmp_path / 'new'}"))
+    done = sapid_cli("check", "-c", fresh)
+    assert done.stdout.strip().endswith("sapid.db (created at the first start)")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("uri", ["mysql://db/sapid", "sqlite:///x.db"])
+def test_a_store_that_is_no_postgresql_uri_is_a_config_error(identities, tmp_path, uri):
+    config = tmp_path / "sapid.conf"
+    config.write_text(f"[sapid]\nidentity = {identities('p256')}\nstore = {uri}\n")
+    done = sapid_cli("check", "-c", config, check=False)
+    assert done.returncode == 1
+    assert done.stderr == (f"sapid: error: {config}: store: {uri!r}: a postgresql:// URI, or "
+                           "unset for SQLite in the state folder\n")
+
+
+def test_the_postgresql_password_comes_from_a_credential(daemon_factory, postgres, tmp_path):
+    """A store that needs a password: the systemd credential ``store-password`` gives it, the
+    configuration never holds it; a wrong one stops the start with one line, the password
+    not in it."""
+    uri = postgres.database(owner="sapidpw")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "store-password").write_text(postgres.PASSWORD + "\n")
+    daemon = daemon_factory(store=uri, env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    status, reply = daemon.sign(make_csr(tmp_path), "pw")
     assert status == 200, reply
-    assert reply["serial"] in (daemon.state / "issued.pem").read_text()
-
-
-def test_sapid_sign_beside_a_running_daemon_leaves_its_records_alone(daemon, tmp_path):
-    """``sapid sign`` checks the records as it opens them, but while the daemon has them open
-    an index file the journal lacks may be a record still being written: it stays where it is.
-    The daemon's stop then notes nothing, since the records are no longer only what it made,
-    and the next start, alone, checks every record and puts the stray aside."""
-    csr = make_csr(tmp_path)
-    status, reply = daemon.sign(csr, "first")
-    assert status == 200, reply
-    stray = daemon.state / "issued" / "0ABCDEF0.pem"
-    stray.write_bytes((daemon.state / "issued" / f"{reply['serial']}.pem").read_bytes())
-    done = subprocess.run([*SAPID, "sign", "-c", str(daemon.config), str(csr)], env=sapid_env(),
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    assert stray.exists() and not (daemon.state / "unjournaled").exists()
+    assert [row["client_id"] for row in daemon.stored()] == ["pw"]
+    assert postgres.PASSWORD not in daemon.config.read_text()
     assert daemon.stop() == 0
-    assert "changed besides this process's writes" in daemon.output()
-    assert not (daemon.state / "issued.clean").exists()
-    daemon.start()
-    assert "2 certificates, checked against" in daemon.output()
-    assert not stray.exists() and (daemon.state / "unjournaled" / stray.name).exists()
-    assert daemon.curl("/api/health")[1]["certificates_issued"] == 2
-
-
-def test_a_stray_index_file_at_a_stop_means_no_clean_note(daemon, tmp_path):
-    assert daemon.sign(make_csr(tmp_path), "first")[0] == 200
-    (daemon.state / "issued" / "0ABCDEF0.pem").write_bytes(b"not a record\n")
-    assert daemon.stop() == 0
-    assert "changed besides this process's writes" in daemon.output()
-    assert not (daemon.state / "issued.clean").exists()
-
-
-def test_a_reload_back_to_a_state_folder_takes_up_its_records_again(daemon, tmp_path):
-    """Moving ``state`` away and back opens each folder's records once: one journal
-    descriptor per folder (no second writer on a journal in one process, no descriptor left
-    behind per reload), and a clean stop notes every folder with its own count."""
-    csr = make_csr(tmp_path)
-    first = daemon.state
-    moved = tmp_path / "moved"
-    text = daemon.config.read_text()
-
-    def reload_to(folder):
-        daemon.config.write_text(text.replace(f"state = {first}", f"state = {folder}/"))
-        daemon.process.send_signal(signal.SIGHUP)
-        daemon.wait_for("READY=1")
-
-    def journals():
-        fds = f"/proc/{daemon.process.pid}/fd"
-        return sorted(os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)
-                      if os.readlink(f"{fds}/{fd}").endswith("issued.pem"))
-
-    assert daemon.sign(csr, "a1")[0] == 200
-    reload_to(moved)
-    assert daemon.sign(csr, "b1")[0] == 200
-    reload_to(first)
-    assert daemon.sign(csr, "a2")[0] == 200
-    reload_to(moved)
-    reload_to(first)
-    assert journals() == sorted([str(first / "issued.pem"), str(moved / "issued.pem")])
-    assert daemon.curl("/api/health")[1]["certificates_issued"] == 2
-    assert daemon.stop() == 0
-    assert json.loads((first / "issued.clean").read_text())["certificates"] == 2
-    assert json.loads((moved / "issued.clean").read_text())["certificates"] == 1
+    (credentials / "store-password").write_text("not the password\n")
+    done = subprocess.run([*SAPID, "serve", "-c", str(daemon.config)],
+                          env=sapid_env(CREDENTIALS_DIRECTORY=str(credentials)),
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("sapid: error: ")]
+    assert len(errors) == 1 and 'password authentication failed for user "sapidpw"' in errors[0]
+    assert "not the password" not in done.stderr and "Traceback" not in done.stderr

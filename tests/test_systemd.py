@@ -144,7 +144,7 @@ def test_notify_protocol(daemon_factory):
     stamp = int(re.search(r"^MONOTONIC_USEC=(\d+)$", reloading, re.M).group(1))
     assert abs(stamp - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 10_000_000
     after = daemon.wait_for("READY=1")
-    assert re.search(r"^STATUS=serving on .*, 0 certificates signed$", after, re.M), after
+    assert re.search(r"^STATUS=serving on .*, 0 certificates in the store$", after, re.M), after
     daemon.process.send_signal(signal.SIGTERM)
     daemon.wait_for("STOPPING=1")
     assert daemon.process.wait(10) == 0
@@ -154,7 +154,7 @@ def test_status_counts_certificates(daemon, tmp_path):
     daemon.sign(make_csr(tmp_path))
     daemon.process.send_signal(signal.SIGHUP)
     message = daemon.wait_for("READY=1")
-    assert "STATUS=serving on" in message and "1 certificates signed" in message
+    assert "STATUS=serving on" in message and "1 certificates in the store" in message
 
 
 REFUSING = """
