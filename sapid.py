@@ -30,6 +30,7 @@ import hashlib
 import http
 import importlib.util
 import inspect
+import itertools
 import ipaddress
 import json
 import logging
@@ -1264,7 +1265,13 @@ POSTGRES_MIGRATION_LOCK = 0x5A91D
 # Files of sapid 0.1, imported into the store once.
 LEGACY_JOURNAL, LEGACY_INDEX, LEGACY_ASIDE = "issued.pem", "issued", "unjournaled"
 LEGACY_HEADER = re.compile(rb"# serial ([0-9A-F]+) client ([A-Za-z0-9]*) at (\S+)\n")
+LEGACY_NAME = re.compile(r"[0-9A-F]+\.pem")
 IMPORT_ROWS = 5000
+# A commit's sync costs about as much CPU as 4 to 8 rows (measured: bench/README.md), so the
+# reception loop lets signings gather while it has other work, up to this many or this long.
+FLUSH_RECORDS = 16
+FLUSH_SECONDS = 0.002
+IMPORT_EXTEND_USEC = 30_000_000    # asked of systemd each time the import reports progress
 PEM_END = b"-----END CERTIFICATE-----\n"
 
 # The schema, in one place: the statements of entry N bring a store from version N to N + 1.
@@ -1506,7 +1513,7 @@ class Store:
                     "INSERT INTO tally (writer, issued) VALUES (?, ?) ON CONFLICT (writer)"
                     " DO UPDATE SET issued = tally.issued + excluded.issued"),
                     (self._writer(), added))
-            self.known = self._count(cursor)
+        self.known += added     # others' additions show at the next count()
         return taken
 
     def _insert(self, rows: int) -> str:
@@ -1758,10 +1765,11 @@ class Ticket:
     """Where one record stands: ``done`` once its batch was committed or failed, then
     ``taken`` (its serial was in the store already) or ``error`` (a StoreError) say how."""
 
-    __slots__ = ("record", "done", "taken", "error")
+    __slots__ = ("done", "error", "queued_at", "record", "taken")
 
     def __init__(self, record: Record):
         self.record, self.done, self.taken, self.error = record, False, False, None
+        self.queued_at = time.monotonic()
 
 
 class Committer:
@@ -1797,6 +1805,7 @@ class Committer:
             os.eventfd_read(self._event)
 
     def submit(self, record: Record) -> Ticket:
+        """Queue ``record`` for the next commit: see ``flush`` and ``wait``."""
         ticket = Ticket(record)
         with self._lock:
             if self._thread is None:
@@ -1804,11 +1813,31 @@ class Committer:
                                                 daemon=True)
                 self._thread.start()
             self._queue.append(ticket)
-            if not self._busy:
-                self._lock.notify_all()
         return ticket
 
+    @property
+    def queued(self) -> int:
+        """Records waiting for a commit that has not begun."""
+        return len(self._queue)
+
+    def due(self, now: float) -> bool:
+        """Whether a loop with more work at hand should flush anyway: enough records, or the
+        first of them waiting long enough (see ``SigningServer.serve``)."""
+        queue = self._queue
+        return bool(queue) and (len(queue) >= FLUSH_RECORDS
+                                or now - queue[0].queued_at >= FLUSH_SECONDS)
+
+    def flush(self) -> None:
+        """Have what was submitted committed, unless a commit runs (the records then go in
+        the next).  A commit's sync costs the CPU of several certificates, so the reception
+        loop flushes when it has nothing else at hand, or when ``due``: the signings it
+        made meanwhile share one commit."""
+        with self._lock:
+            if self._queue and not self._busy:
+                self._lock.notify_all()
+
     def wait(self, ticket: Ticket) -> None:
+        self.flush()
         with self._lock:
             while not ticket.done:
                 self._lock.wait()
@@ -1851,18 +1880,19 @@ class Committer:
                 os.eventfd_write(self._event, 1)
 
 
-def prepare_store(store: Store, config: Config) -> None:
+def prepare_store(store: Store, config: Config, progress=None) -> None:
     """Bring the store's schema forward and import an earlier sapid's files: once the rest of
-    a start has succeeded, so that a setup that cannot start leaves no store behind."""
+    a start has succeeded, so that a setup that cannot start leaves no store behind.
+    ``progress(count)`` is called as the import goes (see ``import_legacy``)."""
     try:
         store.prepare()
-        import_legacy(store, config.state)
+        import_legacy(store, config.state, progress or (lambda count: None))
     except BaseException:
         store.close()
         raise
 
 
-def import_legacy(store: Store, folder: str) -> None:
+def import_legacy(store: Store, folder: str, progress) -> None:
     """Bring sapid 0.1's records in ``folder`` (the journal ``issued.pem``, the index
     ``issued/`` and ``unjournaled/``) into the store, once: the store notes how the files
     looked, and imports again only when they changed.  The old files stay where they are."""
@@ -1880,6 +1910,7 @@ def import_legacy(store: Store, folder: str) -> None:
         if batch:
             added += len(batch) - len(store.add(batch))
             batch.clear()
+            progress(found)
 
     for record in _journal_records(journal):
         found += 1
@@ -1930,26 +1961,33 @@ def _journal_records(path: str):
 
 def _index_records(store: Store, folder: str):
     """Batches of the records of index files that the store lacks (a crash between an index
-    file and its journal record left them: signed, never returned, client unknown)."""
+    file and its journal record left them: signed, never returned, client unknown).  The
+    folder is read as it is listed, a batch at a time: a million names are never held."""
     try:
-        names = sorted(name for name in os.listdir(folder)
-                       if re.fullmatch(r"[0-9A-F]+\.pem", name))
+        entries = os.scandir(folder)
     except FileNotFoundError:
         return
-    for start in range(0, len(names), INSERT_ROWS):
-        part = [name[:-4] for name in names[start:start + INSERT_ROWS]]
-        present = store.present(part)
-        records = []
-        for serial in part:
-            if serial in present:
-                continue
-            path = os.path.join(folder, f"{serial}.pem")
-            moment = datetime.datetime.fromtimestamp(os.stat(path).st_mtime,
-                                                     datetime.timezone.utc)
-            record = _legacy_record(_read(path), "", iso_time(moment))
-            if record is not None:
-                records.append(record)
-        yield records
+    with entries:
+        while True:
+            part = [entry.name[:-4] for entry in itertools.islice(
+                (entry for entry in entries if LEGACY_NAME.fullmatch(entry.name)), INSERT_ROWS)]
+            if not part:
+                return
+            yield _missing_records(store, folder, part)
+
+
+def _missing_records(store: Store, folder: str, part: list[str]) -> list[Record]:
+    present = store.present(part)
+    records = []
+    for serial in part:
+        if serial in present:
+            continue
+        path = os.path.join(folder, f"{serial}.pem")
+        moment = datetime.datetime.fromtimestamp(os.stat(path).st_mtime, datetime.timezone.utc)
+        record = _legacy_record(_read(path), "", iso_time(moment))
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def _legacy_record(pem: bytes, client_id: str, at: str) -> Record | None:
@@ -2030,7 +2068,8 @@ class Pending:
     ticket: Ticket
     authority: Authority
     client_id: str
-    subject: str
+    subject: str                  # the CSR's, as audited
+    csr_subject: x509.Name
     csr_fingerprint: str
     draft: Draft
     hooks: SigningHooks | None
@@ -2122,7 +2161,8 @@ class Authority:
                 instance, draft = self._call("authorize/presign", self._prepare, signing, checked)
             else:
                 instance, draft = self._prepare(signing, checked)
-            return self._submit(draft, signing.client_id, subject, csr_fingerprint, instance)
+            return self._submit(draft, signing.client_id, (checked.subject, subject),
+                                csr_fingerprint, instance)
         except RequestError as e:
             audit("refused", signing.client_id, subject, None, csr_fingerprint, e.code, e.message)
             raise
@@ -2136,8 +2176,8 @@ class Authority:
             log.warning("serial %s is taken; drawing another", issued.serial)
             pending.draft.serial_number = self.hooks.draw_serial()
             try:
-                return self._submit(pending.draft, client_id, subject, pending.csr_fingerprint,
-                                    pending.hooks, pending.attempt + 1)
+                return self._submit(pending.draft, client_id, (pending.csr_subject, subject),
+                                    pending.csr_fingerprint, pending.hooks, pending.attempt + 1)
             except RequestError as e:
                 audit("refused", client_id, subject, None, pending.csr_fingerprint, e.code,
                       e.message)
@@ -2268,8 +2308,11 @@ class Authority:
         except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
             raise HookError(f"the draft cannot be signed: {_one_line(e)}") from None
 
-    def _submit(self, draft: Draft, client_id: str, subject: str, csr_fingerprint: str,
+    def _submit(self, draft: Draft, client_id: str, subject: tuple, csr_fingerprint: str,
                 instance: SigningHooks | None, attempt: int = 1) -> Pending:
+        """Sign ``draft`` and submit its record.  ``subject`` is the CSR's name and its text:
+        the record takes its names from the draft that was signed, not by parsing the
+        certificate again (a tenth of a request's CPU)."""
         try:
             certificate = self.sign(draft)
         except HookError:
@@ -2277,9 +2320,15 @@ class Authority:
             raise RequestError(500, "hook_error",
                                "a hook of this CA failed; its log has the details") from None
         der = certificate.public_bytes(serialization.Encoding.DER)
-        record = Record.of(certificate, der, client_id)
+        name, text = subject
+        names = draft.extensions.get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        record = Record(serial_hex(certificate.serial_number), client_id,
+                        text if draft.subject is name else subject_text(draft.subject),
+                        tuple(map(san_text, names.value)) if names is not None else (),
+                        certificate.not_valid_before_utc, certificate.not_valid_after_utc,
+                        hashlib.sha256(der).hexdigest(), der, utcnow())
         issued = Issued(certificate, _pem("CERTIFICATE", der), record.serial, record.sha256)
-        return Pending(issued, self.committer.submit(record), self, client_id, subject,
+        return Pending(issued, self.committer.submit(record), self, client_id, text, name,
                        csr_fingerprint, draft, instance, attempt)
 
 
@@ -2957,7 +3006,12 @@ class SigningServer:
             wait = 0.25
             if self._accept_paused_until:
                 wait = min(wait, max(0.0, self._accept_paused_until - time.monotonic()))
-            for fd, _ in self._epoll.poll(wait, TURN_EVENTS):
+            events = self._epoll.poll(0 if self.committer.queued else wait, TURN_EVENTS)
+            if not events and self.committer.queued:
+                # Nothing else to do: have this thread's signings committed now.
+                self.committer.flush()
+                events = self._epoll.poll(wait, TURN_EVENTS)
+            for fd, _ in events:
                 if fd == self._listen_fd:
                     self._accept()
                 elif fd == self._wake_fd:
@@ -2971,6 +3025,8 @@ class SigningServer:
                         self._receive(conn)
             self._take_closing()
             now = time.monotonic()
+            if self.committer.due(now):
+                self.committer.flush()
             if self._accept_paused_until and now >= self._accept_paused_until:
                 self._accept_paused_until = 0.0
                 if not self.stopping:        # stop closed the listener meanwhile
@@ -3368,7 +3424,7 @@ class Daemon:
         self.store = Store.open(config)
         self.committer = Committer(self.store)
         self.authority = Authority.open(config, self._passphrase, self.runner, self.committer)
-        prepare_store(self.store, config)
+        prepare_store(self.store, config, self._importing)
         if self.authority.hooks.path is None:
             log.warning("no hooks file: every valid CSR is signed (set 'hooks' in %s)",
                         config.path or DEFAULT_CONFIG)
@@ -3405,6 +3461,15 @@ class Daemon:
             self.store.close()
         log.info("stopped")
         return 0
+
+    def _importing(self, count: int) -> None:
+        """While an earlier sapid's records are imported (a million take minutes), keep
+        systemd from taking the start for hung: more time, the watchdog fed, a status line."""
+        now = time.monotonic()
+        if now >= self._next_status:
+            sd_notify(f"EXTEND_TIMEOUT_USEC={IMPORT_EXTEND_USEC}\nWATCHDOG=1\n"
+                      f"STATUS=importing an earlier sapid's records: {count} read")
+            self._next_status = now + 2.0
 
     def _serve(self, balance: Balance | None = None) -> None:
         """Serve in this process until stopped."""

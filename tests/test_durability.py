@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 import datetime
 import sqlite3
 import threading
+import time
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -157,10 +158,17 @@ def test_issuances_made_during_a_commit_share_the_next_one(tmp_path):
     holder.execute("BEGIN EXCLUSIVE")
     made = records(50)
     tickets = [None] * len(made)
+    tickets[0] = committer.submit(made[0])
+    committer.flush()
+    deadline = time.monotonic() + 10
+    while committer.queued:           # the committer has taken it, and waits for the lock
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
     def submit(number):
         tickets[number] = committer.submit(made[number])
-    threads = [threading.Thread(target=submit, args=(n,)) for n in range(len(made))]
+        committer.flush()             # as a pool thread's wait does: a commit runs, so no-op
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(1, len(made))]
     for thread in threads:
         thread.start()
     for thread in threads:
