@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import difflib
 import errno
+import functools
 import getpass
 import grp
 import hashlib
@@ -51,6 +52,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -63,7 +65,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import (AuthorityInformationAccessOID, CRLEntryExtensionOID,
+                                   ExtendedKeyUsageOID, ExtensionOID, NameOID)
 
 __version__ = "0.1.0"
 
@@ -156,6 +160,7 @@ class RequestError(SapidError):
     def __init__(self, status: int, code: str, message: str, headers: tuple = ()):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.path = None        # the request's, once known: OCSP clients get OCSP errors
 
 
 class NotAuthorized(SapidError):
@@ -184,6 +189,15 @@ def _bounded(kind, low, high):
     return parse
 
 
+def _http_url(value: str) -> str:
+    """An http(s) URL with a host, to go into issued certificates (crl_url, ocsp_url)."""
+    if not value:
+        return value
+    if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[\x21-\x7e]*)?", value):
+        raise ValueError(f"{value!r}: an http:// (or https://) URL with a host name, no spaces")
+    return value
+
+
 def _store_uri(value: str) -> str:
     if value and not value.startswith(("postgresql://", "postgres://")):
         raise ValueError(f"{value!r}: a postgresql:// URI, or unset for SQLite in the state "
@@ -207,6 +221,9 @@ CONFIG_KEYS = {
     "trusted_proxy": _yes_no,
     "strict_files": _yes_no,
     "store": _store_uri,
+    "crl_url": _http_url,
+    "ocsp_url": _http_url,
+    "crl_days": _bounded(int, 1, 366),
 }
 PATH_KEYS = ("identity", "state", "hooks", "socket")
 
@@ -230,6 +247,9 @@ class Config:
     trusted_proxy: bool = False
     strict_files: bool = True
     store: str = ""                 # "": SQLite in ``state``; or a postgresql:// URI
+    crl_url: str = ""               # put as CRL distribution point into issued certificates
+    ocsp_url: str = ""              # put as AIA OCSP entry into issued certificates
+    crl_days: int = 7               # a CRL's nextUpdate: thisUpdate + crl_days
 
     @classmethod
     def load(cls, path: str | None = None) -> Config:
@@ -837,6 +857,14 @@ class SigningHooks:
     def postsign(self, certificate):
         """See the signed certificate (already recorded); raising withholds it."""
 
+    def authorize_revocation(self, certificate, reason):
+        """Decide a ``POST /api/revoke/<client_id>``: True revokes ``certificate`` (an
+        x509.Certificate; ``self.record`` is its sapid.Record, with the client id it was
+        issued to) for ``reason`` (an RFC 5280 name, e.g. "keyCompromise").  Anything else,
+        or raising NotAuthorized, refuses (403).  The built-in hook refuses every request:
+        revoke with ``sapid revoke`` or write this hook."""
+        return False
+
 
 def boot(authority):
     """Called at each (re)load with the CA's public side; raising refuses the load."""
@@ -896,7 +924,9 @@ class AuthorityInfo:
     config: Config
 
 
-HOOK_METHODS = {"authorize": 1, "presign": 1, "postsign": 1}
+HOOK_METHODS = {"authorize": 1, "presign": 1, "postsign": 1, "authorize_revocation": 2}
+# The hooks that run for a signing (authorize_revocation runs for revocations alone).
+SIGNING_HOOKS = frozenset({"__init__", "authorize", "presign", "postsign", "serial_number"})
 HOOK_FUNCTIONS = {"boot": 1, "serial_number": 0}
 SSL_API_NAMES = {"API_CSR_HOOKS_FACTORY": 3, "HOOKS_FACTORY": 3, "CUSTOM_BOOT_CB": 0,
                  "SERIAL_NUMBER_GENERATOR_CB": 0}
@@ -1299,6 +1329,13 @@ MIGRATIONS = (
         # a scan of the store, and no two hosts update one row.
         "CREATE TABLE tally (writer TEXT PRIMARY KEY, issued {int} NOT NULL)",
     ),
+    (
+        # Revocations ever made, on one row: a process that caches a CRL reads this one number
+        # to learn whether any worker or host has revoked since it built the CRL.
+        "CREATE TABLE revocation_changes (id INTEGER PRIMARY KEY CHECK (id = 1),"
+        " changes {int} NOT NULL)",
+        "INSERT INTO revocation_changes (id, changes) VALUES (1, 0)",
+    ),
 )
 COLUMNS = ("serial", "client_id", "subject", "sans", "not_before", "not_after", "sha256", "der",
            "issued_at", "revoked_at", "revocation_reason")
@@ -1530,6 +1567,22 @@ class Store:
     def _writer() -> str:
         return f"{socket.gethostname()}/{os.getpid()}"
 
+    def revoke(self, serial: str, reason: str, at: datetime.datetime) -> tuple[Record | None, bool]:
+        """Mark ``serial`` revoked at ``at`` for ``reason``, durable on return: its record
+        (None when the store has no such serial) and whether this call revoked it (False: it
+        was revoked already, and its first date and reason stand)."""
+        with self._session(write=True) as cursor:
+            cursor.execute(self._sql("UPDATE certificates SET revoked_at = ?, revocation_reason = ?"
+                                     " WHERE serial = ? AND revoked_at IS NULL"),
+                           (self._instant(at), reason, serial))
+            revoked = cursor.rowcount == 1
+            if revoked:
+                cursor.execute("UPDATE revocation_changes SET changes = changes + 1 WHERE id = 1")
+            cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM certificates"
+                                     " WHERE serial = ?"), (serial,))
+            row = cursor.fetchone()
+        return (self._record(row) if row else None), revoked
+
     # Reading ------------------------------------------------------------------------------
 
     def count(self) -> int:
@@ -1549,6 +1602,38 @@ class Store:
                                      " WHERE serial = ?"), (serial,))
             row = cursor.fetchone()
         return self._record(row) if row else None
+
+    def revocation_changes(self) -> int:
+        """How many revocations the store has seen, by anyone: a CRL built when it was N
+        is current while it is N."""
+        with self._session(create=False) as cursor:
+            cursor.execute("SELECT changes FROM revocation_changes WHERE id = 1")
+            return int(cursor.fetchone()[0])
+
+    def revocation(self, serial: str) -> tuple[bool, datetime.datetime | None, str | None]:
+        """What OCSP says of ``serial``: (known, revoked_at, reason), one lookup by key."""
+        with self._session(create=False) as cursor:
+            cursor.execute(self._sql("SELECT revoked_at, revocation_reason FROM certificates"
+                                     " WHERE serial = ?"), (serial,))
+            row = cursor.fetchone()
+        if row is None:
+            return False, None, None
+        return True, row[0] and self._from_time(row[0]), row[1]
+
+    def revoked(self, now: datetime.datetime) -> tuple[int, list[tuple]]:
+        """The revocation count (as ``revocation_changes``) and every revoked certificate that
+        has not expired, as (serial, revoked_at, reason), read in one transaction: what a CRL
+        lists.  Read through the partial index of revoked certificates, not the whole store."""
+        with self._session(create=False) as cursor:
+            cursor.execute("SELECT changes FROM revocation_changes WHERE id = 1")
+            changes = int(cursor.fetchone()[0])
+            cursor.execute(self._sql("SELECT serial, revoked_at, revocation_reason FROM"
+                                     " certificates WHERE revoked_at IS NOT NULL"
+                                     " AND not_after >= ?"), (self._time(now),))
+            entries = []
+            while rows := cursor.fetchmany(10000):
+                entries += [(serial, self._from_time(at), reason) for serial, at, reason in rows]
+        return changes, entries
 
     def present(self, serials: list[str]) -> set[str]:
         """Which of ``serials`` the store holds."""
@@ -1670,9 +1755,9 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _from_time(value: str) -> datetime.datetime:
-        return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ" if "." in value
-                                          else "%Y-%m-%dT%H:%M:%SZ").replace(
-            tzinfo=datetime.timezone.utc)
+        # fromisoformat reads the trailing Z (Python 3.11), thirty times faster than strptime:
+        # a CRL reads a time per revoked certificate.
+        return datetime.datetime.fromisoformat(value)
 
     def _check_writable(self) -> None:
         """Refuse to write when the state folder was made read-only (remounted, or a read-only
@@ -2003,6 +2088,267 @@ def _legacy_record(pem: bytes, client_id: str, at: str) -> Record | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Revocation: the store says what is revoked; the CRL and OCSP answers say it, signed by the CA
+# ---------------------------------------------------------------------------------------------
+
+# RFC 5280 5.3.1 CRLReason, by the names the RFC gives them.
+REVOCATION_REASONS = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "keyCompromise": x509.ReasonFlags.key_compromise,
+    "cACompromise": x509.ReasonFlags.ca_compromise,
+    "affiliationChanged": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
+    "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
+    "aACompromise": x509.ReasonFlags.aa_compromise,
+}
+# The two RFC 5280 names sapid does not revoke with, and why.
+UNOFFERED_REASONS = {
+    "certificateHold": "a hold is meant to be released, and sapid's revocations are final",
+    "removeFromCRL": "it belongs in delta CRLs only, which sapid does not publish",
+}
+# RFC 5280 5.3.1: the reason code SHOULD be absent rather than unspecified.
+CRL_REASON_EXTENSIONS = {
+    name: [x509.Extension(CRLEntryExtensionOID.CRL_REASON, False, x509.CRLReason(flag))]
+    for name, flag in REVOCATION_REASONS.items() if flag is not x509.ReasonFlags.unspecified}
+# A CRL is built again once this share of its life (thisUpdate to nextUpdate) has passed, so
+# that relying parties that fetch it now and then never hold an expired one.
+CRL_REFRESH = 0.5
+# An OCSP answer is good for this long (its nextUpdate); nginx's stapling and other clients
+# cache it that long at most.
+OCSP_VALIDITY = datetime.timedelta(hours=1)
+# Answers to requests without a nonce are reused for this long, while the status they state
+# is still the store's: an RSA signature costs a millisecond.
+OCSP_REUSE_SECONDS = 60.0
+OCSP_CACHE_ENTRIES = 4096
+# RFC 8954 2.1: a nonce of 1 to 32 octets; a longer one is refused as malformed.
+OCSP_NONCE_OCTETS = 32
+OCSP_MEDIA_TYPE = "application/ocsp-response"
+# RFC 6960 4.2.1: the unsigned answers for a request that gets no status.
+OCSP_ERRORS = {
+    status: ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
+        serialization.Encoding.DER)
+    for status in (ocsp.OCSPResponseStatus.MALFORMED_REQUEST,
+                   ocsp.OCSPResponseStatus.INTERNAL_ERROR, ocsp.OCSPResponseStatus.TRY_LATER)}
+
+
+def signs_crls(certificate: x509.Certificate) -> bool:
+    """Whether relying parties accept CRLs signed with this CA certificate's key."""
+    try:
+        return certificate.extensions.get_extension_for_class(x509.KeyUsage).value.crl_sign
+    except x509.ExtensionNotFound:
+        return True              # RFC 5280 4.2.1.3: no keyUsage, no restriction
+
+
+def revocation_reason(text: str | None) -> str:
+    """The RFC 5280 name of a reason given in any letter case (None: unspecified);
+    ValueError naming the choices."""
+    if text is None:
+        return "unspecified"
+    by_lower = {name.lower(): name for name in [*REVOCATION_REASONS, *UNOFFERED_REASONS]}
+    name = by_lower.get(str(text).lower())
+    if name in UNOFFERED_REASONS:
+        raise ValueError(f"{name} is not offered: {UNOFFERED_REASONS[name]}")
+    if name is None:
+        raise ValueError(f"{str(text)[:60]!r} is not a revocation reason; use one of "
+                         f"{', '.join(REVOCATION_REASONS)}")
+    return name
+
+
+def parse_serial(text) -> str:
+    """A serial as the store keys it (upper-case hex, even length) from hex as people write
+    it (any case, colons allowed); ValueError otherwise."""
+    if not isinstance(text, str):
+        raise ValueError("a serial number is a string of hex digits")
+    digits = text.strip().replace(":", "")
+    if not re.fullmatch(r"[0-9A-Fa-f]{1,40}", digits):
+        raise ValueError(f"{text[:60]!r} is not a serial number (hex, as sapid prints them)")
+    value = int(digits, 16)
+    if value == 0:
+        raise ValueError("serial 00 is not a certificate's serial number")
+    return serial_hex(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class CRL:
+    """A CRL built from the store when it had seen ``changes`` revocations."""
+
+    der: bytes
+    number: int
+    this_update: datetime.datetime
+    next_update: datetime.datetime
+    changes: int
+    entries: int
+
+    @functools.cached_property
+    def pem(self) -> bytes:
+        return _pem("X509 CRL", self.der)
+
+
+class Revocations:
+    """What relying parties ask of the CA, answered from the store: the CRL, built when a
+    revocation happened (in any worker or host) or half its life has passed and never per
+    request, and OCSP answers, each from a lookup of the store, so that a revocation shows
+    in the next one.  Both are signed by the CA key with cryptography's builders."""
+
+    def __init__(self, identity: Identity, store: Store | None, crl_days: int,
+                 authority_key_id: x509.Extension):
+        self._certificate, self._key = identity.certificate, identity.key
+        self._hash = signature_hash(identity.key) if identity.key is not None else None
+        self._store = store
+        self._crl_life = datetime.timedelta(days=crl_days)
+        self._aki = authority_key_id
+        self._crl = None
+        self._crl_lock = threading.Lock()
+        self._last_number = 0
+        self._issuer_hashes = {}     # hash algorithm name -> (issuer name hash, key hash)
+        self._answers = {}           # see _reusable
+        self.signs_crls = signs_crls(identity.certificate)
+
+    # The CRL ------------------------------------------------------------------------------
+
+    def crl(self) -> CRL:
+        """The current CRL.  StoreError only when the store cannot be read and no CRL built
+        earlier is still within its nextUpdate (that one is served meanwhile)."""
+        if not self.signs_crls:
+            raise RequestError(404, "not_found", "this CA's certificate lacks the cRLSign key "
+                               "usage, so it publishes no CRL")
+        now = utcnow()
+        crl, seen = self._crl, -1
+        if crl is not None and now < crl.this_update + self._crl_life * CRL_REFRESH:
+            try:
+                seen = self._store.revocation_changes()
+            except StoreError as e:
+                log.error("CRL: %s; serving the one of %s", e, iso_time(crl.this_update))
+                return crl
+            if seen <= crl.changes:
+                return crl
+        with self._crl_lock:           # one build at a time: who waited takes the one built
+            if self._crl is not crl and self._crl.changes >= seen:
+                return self._crl
+            try:
+                built = self._build_crl(utcnow())
+            except StoreError as e:
+                if crl is not None and now < crl.next_update:
+                    log.error("CRL: %s; serving the one of %s", e, iso_time(crl.this_update))
+                    return crl
+                raise
+            self._crl = built
+            return built
+
+    def _build_crl(self, now: datetime.datetime) -> CRL:
+        changes, rows = self._store.revoked(now)
+        started = time.monotonic()
+        # cRLNumber: thisUpdate in microseconds since 1970 (thisUpdate itself is encoded to the
+        # second).  No counter is shared: hosts and restarts agree as their clocks do, and in
+        # one process it never goes back even when the clock does.
+        number = max(int(now.timestamp() * 1_000_000), self._last_number + 1)
+        self._last_number = number
+        this_update = now.replace(microsecond=0)
+        entries = [x509.RevokedCertificateBuilder(
+            int(serial, 16), at.replace(microsecond=0), CRL_REASON_EXTENSIONS.get(reason, [])
+        ).build() for serial, at, reason in rows]
+        # The builder is given its entries at once: add_revoked_certificate copies the list
+        # each time, which would make a CRL of n entries cost n squared.
+        builder = x509.CertificateRevocationListBuilder(
+            issuer_name=self._certificate.subject, last_update=this_update,
+            next_update=this_update + self._crl_life,
+            extensions=[x509.Extension(ExtensionOID.CRL_NUMBER, False, x509.CRLNumber(number)),
+                        self._aki],
+            revoked_certificates=entries)
+        der = builder.sign(self._key, self._hash).public_bytes(serialization.Encoding.DER)
+        log.info("CRL %d built: %d revoked certificates, %d bytes, in %.3f s", number,
+                 len(entries), len(der), time.monotonic() - started)
+        return CRL(der, number, this_update, this_update + self._crl_life, changes, len(entries))
+
+    # OCSP ---------------------------------------------------------------------------------
+
+    def ocsp(self, der: bytes) -> bytes:
+        """The DER OCSPResponse to the DER OCSPRequest ``der`` (RFC 6960): good, revoked or
+        unknown (a serial this CA never issued, or another CA's certificate), the nonce
+        echoed; malformedRequest for what cannot be read, tryLater when the store cannot."""
+        try:
+            request = ocsp.load_der_ocsp_request(der)
+            algorithm = request.hash_algorithm
+            name_hash, key_hash = request.issuer_name_hash, request.issuer_key_hash
+            serial = request.serial_number
+            nonce = None
+            for extension in request.extensions:
+                if isinstance(extension.value, x509.OCSPNonce):
+                    nonce = extension.value
+        except (ValueError, UnsupportedAlgorithm, NotImplementedError) as e:
+            # NotImplementedError: more than one certificate in a request, which
+            # cryptography's builders do not answer; TLS stacks ask for one at a time.
+            log.info("OCSP: malformed request: %s", _one_line(e))
+            return OCSP_ERRORS[ocsp.OCSPResponseStatus.MALFORMED_REQUEST]
+        if nonce is not None and not 1 <= len(nonce.nonce) <= OCSP_NONCE_OCTETS:
+            log.info("OCSP: a nonce of %d octets (RFC 8954: 1 to 32)", len(nonce.nonce))
+            return OCSP_ERRORS[ocsp.OCSPResponseStatus.MALFORMED_REQUEST]
+        known, revoked_at, reason = False, None, None
+        if (name_hash, key_hash) == self._issuer_hash(algorithm) and 0 < serial < 1 << 160:
+            try:
+                known, revoked_at, reason = self._store.revocation(serial_hex(serial))
+            except StoreError as e:
+                log.error("OCSP: %s", e)
+                return OCSP_ERRORS[ocsp.OCSPResponseStatus.TRY_LATER]
+        key = (algorithm.name, name_hash, key_hash, serial, known, revoked_at, reason)
+        if nonce is None and (answer := self._reusable(key)) is not None:
+            return answer
+        if not known:
+            status = ocsp.OCSPCertStatus.UNKNOWN
+        else:
+            status = ocsp.OCSPCertStatus.REVOKED if revoked_at else ocsp.OCSPCertStatus.GOOD
+        now = utcnow().replace(microsecond=0)
+        flag = REVOCATION_REASONS.get(reason) if revoked_at else None
+        try:
+            builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+                name_hash, key_hash, serial, algorithm, status, now, now + OCSP_VALIDITY,
+                revoked_at and revoked_at.replace(microsecond=0),
+                None if flag is x509.ReasonFlags.unspecified else flag,
+            ).responder_id(ocsp.OCSPResponderEncoding.HASH, self._certificate)
+            if nonce is not None:
+                builder = builder.add_extension(nonce, critical=False)
+            answer = builder.sign(self._key, self._hash).public_bytes(serialization.Encoding.DER)
+        except ValueError as e:            # hashes of the wrong length for their algorithm
+            log.info("OCSP: malformed request: %s", _one_line(e))
+            return OCSP_ERRORS[ocsp.OCSPResponseStatus.MALFORMED_REQUEST]
+        if nonce is None:
+            self._keep(key, answer)
+        return answer
+
+    def _issuer_hash(self, algorithm: hashes.HashAlgorithm) -> tuple[bytes, bytes]:
+        """RFC 6960 4.1.1 CertID: the hashes of this CA's name (DER) and of its public key
+        (the subjectPublicKey BIT STRING's value, without its unused-bits octet)."""
+        if (known := self._issuer_hashes.get(algorithm.name)) is None:
+            spki = spki_der(self._certificate.public_key())
+            _, pos, _ = _der_read(spki, 0)          # SubjectPublicKeyInfo
+            _, _, end = _der_read(spki, pos)        # AlgorithmIdentifier
+            _, start, end = _der_read(spki, end)    # subjectPublicKey
+            known = tuple(_digest(algorithm, data) for data in (
+                self._certificate.subject.public_bytes(), spki[start + 1:end]))
+            self._issuer_hashes[algorithm.name] = known
+        return known
+
+    def _reusable(self, key: tuple) -> bytes | None:
+        kept = self._answers.get(key)
+        if kept is not None and time.monotonic() - kept[1] < OCSP_REUSE_SECONDS:
+            return kept[0]
+        return None
+
+    def _keep(self, key: tuple, answer: bytes) -> None:
+        answers = self._answers
+        if len(answers) >= OCSP_CACHE_ENTRIES:
+            answers.clear()        # simpler than LRU, and the answers are a minute's worth
+        answers[key] = (answer, time.monotonic())
+
+
+def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
+    digest = hashes.Hash(algorithm)
+    digest.update(data)
+    return digest.finalize()
+
+
+# ---------------------------------------------------------------------------------------------
 # Hook runner: operator code on daemon threads, so a hung hook costs a thread, not the daemon
 # ---------------------------------------------------------------------------------------------
 
@@ -2086,6 +2432,16 @@ class Signing:
     headers: Headers | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Revoking:
+    """One ``POST /api/revoke/<client_id>`` as the pipeline takes it."""
+
+    body: bytes
+    client_id: str
+    peer: tuple | None = None
+    headers: Headers | None = None
+
+
 EXTENSION_LEAF = x509.Extension(ExtensionOID.BASIC_CONSTRAINTS, True,
                                 x509.BasicConstraints(ca=False, path_length=None))
 EXTENSION_EKU = x509.Extension(ExtensionOID.EXTENDED_KEY_USAGE, False, x509.ExtendedKeyUsage(
@@ -2108,9 +2464,9 @@ class Authority:
     until a reload."""
 
     def __init__(self, config: Config, identity: Identity, hooks: HookSet,
-                 committer: Committer | None, runner: HookRunner):
+                 committer: Committer | None, runner: HookRunner, store: Store | None = None):
         self.config, self.identity, self.hooks = config, identity, hooks
-        self.committer, self.runner = committer, runner
+        self.committer, self.runner, self.store = committer, runner, store
         # Per-request constants, worked out once.
         certificate = identity.certificate
         self._issuer = certificate.subject
@@ -2122,6 +2478,20 @@ class Authority:
         except x509.ExtensionNotFound:
             aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(certificate.public_key())
         self._aki = x509.Extension(ExtensionOID.AUTHORITY_KEY_IDENTIFIER, False, aki)
+        self.revocations = Revocations(identity, store, config.crl_days, self._aki)
+        # Where relying parties learn of revocations, named in each certificate.
+        self._pointers = {}
+        if config.crl_url:
+            self._pointers[ExtensionOID.CRL_DISTRIBUTION_POINTS] = x509.Extension(
+                ExtensionOID.CRL_DISTRIBUTION_POINTS, False, x509.CRLDistributionPoints([
+                    x509.DistributionPoint([x509.UniformResourceIdentifier(config.crl_url)],
+                                           None, None, None)]))
+        if config.ocsp_url:
+            self._pointers[ExtensionOID.AUTHORITY_INFORMATION_ACCESS] = x509.Extension(
+                ExtensionOID.AUTHORITY_INFORMATION_ACCESS, False,
+                x509.AuthorityInformationAccess([x509.AccessDescription(
+                    AuthorityInformationAccessOID.OCSP,
+                    x509.UniformResourceIdentifier(config.ocsp_url))]))
         self.ca_pem = identity.pem()
         self.ca_pem_text = self.ca_pem.decode()
         self._backdate = datetime.timedelta(seconds=config.backdate_seconds)
@@ -2129,9 +2499,14 @@ class Authority:
 
     @classmethod
     def open(cls, config: Config, passphrase: str | None, runner: HookRunner,
-             committer: Committer | None) -> Authority:
-        """Load identity and hooks, call ``boot``; sign into ``committer``'s store."""
+             committer: Committer | None, store: Store | None = None) -> Authority:
+        """Load identity and hooks, call ``boot``; sign into ``committer``, revoke in and
+        answer for ``store`` (the committer's)."""
         identity = Identity.load(config.identity, passphrase, config.strict_files)
+        if config.crl_url and not signs_crls(identity.certificate):
+            raise ConfigError(f"crl_url is set, but the CA certificate in {identity.folder} "
+                              "lacks the cRLSign key usage: relying parties would refuse "
+                              "its CRLs")
         hooks = load_hooks(config.hooks_path(), config.strict_files)
         try:
             hooks.boot(AuthorityInfo(identity.certificate, identity.chain, config))
@@ -2139,14 +2514,14 @@ class Authority:
             where = hooks.path or "built-in hooks"
             raise ConfigError(f"{where}:{_error_line(e, where)}: boot refused: "
                               f"{type(e).__name__}: {_one_line(e)}") from None
-        return cls(config, identity, hooks, committer, runner)
+        return cls(config, identity, hooks, committer, runner, store)
 
     # The pipeline -----------------------------------------------------------------------------
 
     @property
     def per_request_hooks(self) -> bool:
-        """Whether operator code runs for each request (not just ``boot``)."""
-        return bool(self.hooks.custom - {"boot"})
+        """Whether operator code runs for each signing (not just ``boot``)."""
+        return bool(self.hooks.custom & SIGNING_HOOKS)
 
     def issue(self, signing: Signing) -> Pending:
         """Check, authorize, draft, presign, sign, and submit to the store: the certificate
@@ -2157,7 +2532,7 @@ class Authority:
             csr_fingerprint = hashlib.sha256(signing.body).hexdigest()
             checked = check_csr(csr)
             subject = subject_text(checked.subject)
-            if self.hooks.custom - {"postsign", "boot"}:
+            if self.hooks.custom & (SIGNING_HOOKS - {"postsign"}):
                 instance, draft = self._call("authorize/presign", self._prepare, signing, checked)
             else:
                 instance, draft = self._prepare(signing, checked)
@@ -2210,6 +2585,67 @@ class Authority:
             self.committer.wait(outcome.ticket)
             outcome = self.settle(outcome)
         return outcome
+
+    def revoke(self, revoking: Revoking) -> dict:
+        """Revoke for a client over the API, as the hook ``authorize_revocation`` decides (the
+        built-in one refuses): what the reply says.  Refusals raise RequestError; each
+        outcome is audited."""
+        client_id, record = revoking.client_id, None
+        try:
+            try:
+                try:
+                    asked = json.loads(revoking.body)
+                except ValueError:
+                    asked = None
+                if not isinstance(asked, dict) or set(asked) - {"serial", "reason"}:
+                    raise ValueError('the body is not a JSON object {"serial": "...", '
+                                     '"reason": "..."}')
+                serial = parse_serial(asked.get("serial"))
+                reason = revocation_reason(asked.get("reason"))
+            except ValueError as e:         # JSONDecodeError and UnicodeDecodeError included
+                raise RequestError(400, "bad_request", _one_line(e)) from None
+            try:
+                record = self.store.get(serial)
+            except StoreError as e:
+                log.error("revocation of %s: %s", serial, e)
+                raise RequestError(503, "store_failed", "the CA cannot read its store right "
+                                   "now") from None
+            if record is None:
+                raise RequestError(404, "not_found", f"this CA issued no certificate with "
+                                   f"serial {serial}")
+            if "authorize_revocation" not in self.hooks.custom:
+                raise RequestError(403, "not_authorized", "revocation over the API is off: "
+                                   "this CA's hooks have no authorize_revocation (sapid-hooks(5))")
+            answer = self._call("authorize_revocation", self._authorize_revocation, revoking,
+                                record, reason)
+            if answer is not True:
+                if answer not in (False, None):
+                    log.error("hook authorize_revocation returned %s: True or False expected; "
+                              "refused", type(answer).__name__)
+                raise RequestError(403, "not_authorized", "not authorized to revoke this "
+                                   "certificate")
+            try:
+                record, revoked = self.store.revoke(serial, reason, utcnow())
+            except StoreError as e:
+                log.error("revocation of %s: %s", serial, e)
+                raise RequestError(503, "store_failed", "the CA cannot record revocations right "
+                                   "now") from None
+        except RequestError as e:
+            audit("revocation_refused", client_id, record and record.subject,
+                  record and record.serial, record and record.sha256, e.code, e.message)
+            raise
+        audit("revoked" if revoked else "already_revoked", client_id, record.subject,
+              record.serial, record.sha256, revocation_reason=record.revocation_reason)
+        return {"serial": record.serial, "status": "revoked",
+                "revoked_at": iso_time(record.revoked_at),
+                "revocation_reason": record.revocation_reason, "already_revoked": not revoked}
+
+    def _authorize_revocation(self, revoking: Revoking, record: Record, reason: str):
+        instance = self.hooks.new(revoking.client_id, None, None, None)
+        instance.peer, instance.record = revoking.peer, record
+        if revoking.headers is not None:
+            instance.headers = revoking.headers
+        return instance.authorize_revocation(x509.load_der_x509_certificate(record.der), reason)
 
     def _call(self, phase: str, function, *args):
         """Run operator code with the hook timeout; its failures become 403 or 500."""
@@ -2278,6 +2714,7 @@ class Authority:
             extensions[ExtensionOID.SUBJECT_ALTERNATIVE_NAME] = x509.Extension(
                 ExtensionOID.SUBJECT_ALTERNATIVE_NAME, not len(checked.subject),
                 x509.SubjectAlternativeName(checked.subject_alt_names))
+        extensions.update(self._pointers)
         return Draft(checked.subject, public_key, self.hooks.draw_serial(), now - self._backdate,
                      min(now + validity, self._not_after_limit), extensions)
 
@@ -2332,13 +2769,21 @@ class Authority:
                        csr_fingerprint, draft, instance, attempt)
 
 
-def audit(outcome: str, client_id, subject, serial, fingerprint, code=None, reason=None) -> None:
-    """One line per issuance or refusal, values JSON-quoted (subjects can hold newlines)."""
+def audit(outcome: str, client_id, subject, serial, fingerprint, code=None, reason=None,
+          revocation_reason=None, by=None) -> None:
+    """One line per issuance, revocation or refusal, values JSON-quoted (subjects can hold
+    newlines).  ``by``: who revoked on the command line (the client id says whose
+    certificate it was)."""
     fields = {"SAPID_OUTCOME": outcome, "SAPID_CLIENT_ID": client_id or "",
               "SAPID_SERIAL": serial or "", "SAPID_FINGERPRINT": fingerprint or ""}
     text = (f"audit outcome={outcome} client_id={json.dumps(client_id)} "
             f"subject={json.dumps(subject)} serial={json.dumps(serial)} "
             f"sha256={json.dumps(fingerprint)}")
+    if revocation_reason:
+        text += f" revocation_reason={json.dumps(revocation_reason)}"
+        fields["SAPID_REVOCATION_REASON"] = revocation_reason
+    if by:
+        text += f" by={json.dumps(by)}"
     if code:
         text += f" code={json.dumps(code)} reason={json.dumps(reason)}"
     log.info("%s", text, extra=fields)
@@ -2425,6 +2870,13 @@ def json_response(status: int, document: dict, headers: tuple = ()) -> Response:
 
 
 def error_response(error: RequestError) -> Response:
+    """The API's JSON error; for an OCSP request, the OCSP error an OCSP client can read
+    (RFC 6960 4.2.1), with the same HTTP status."""
+    if error.path is not None and (error.path == "/ocsp" or error.path.startswith("/ocsp/")):
+        status = (ocsp.OCSPResponseStatus.TRY_LATER if error.status == 503 else
+                  ocsp.OCSPResponseStatus.INTERNAL_ERROR if error.status == 500 else
+                  ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        return Response(error.status, OCSP_ERRORS[status], OCSP_MEDIA_TYPE, error.headers)
     return json_response(error.status, {"error": error.code, "message": error.message},
                          error.headers)
 
@@ -2515,6 +2967,15 @@ def parse_head(raw: bytes, limit: int) -> Head:
     # RFC 9110 2.5: a higher minor version is processed as the highest one implemented.
     version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
     path = _request_target(method, target)
+    try:
+        return _parse_fields(method, path, version, field_lines, limit)
+    except RequestError as e:
+        e.path = path
+        raise
+
+
+def _parse_fields(method: bytes, path: str, version: str, field_lines: list,
+                  limit: int) -> Head:
     headers = {}
     for field_line in field_lines:
         name, value = _field(field_line)
@@ -2790,6 +3251,7 @@ class SigningHandler:
         try:
             return self._route(request)
         except RequestError as e:
+            e.path = request.path
             return error_response(e)
         except Exception:
             return self._internal_error(request)
@@ -2809,8 +3271,9 @@ class SigningHandler:
     @staticmethod
     def _internal_error(request: Request) -> Response:
         log.exception("internal error answering %s %s", request.method, request.path[:200])
-        return error_response(RequestError(500, "internal_error",
-                                           "internal error; the CA's log has the details"))
+        error = RequestError(500, "internal_error", "internal error; the CA's log has the details")
+        error.path = request.path
+        return error_response(error)
 
     def refusal(self, head: Head) -> RequestError | None:
         """What the head alone refuses, so that its body need not be read (RFC 9110 10.1.1:
@@ -2818,6 +3281,7 @@ class SigningHandler:
         try:
             self._check(head)
         except RequestError as e:
+            e.path = head.path
             return e
         return None
 
@@ -2828,10 +3292,39 @@ class SigningHandler:
         if path.startswith("/api/csr/"):
             self._check_signing(request, path[9:])
             return path
-        if path in ("/api/ca", "/api/health"):
+        if path in ("/api/ca", "/api/health", "/api/crl", "/api/crl.pem") or (
+                path.startswith("/ocsp/")):
             _allow(request, ("GET", "HEAD"))
             return path
+        if path.startswith("/api/revoke/"):
+            _allow(request, ("POST",))
+            try:
+                if not CLIENT_ID.match(path[12:]):
+                    raise RequestError(400, "bad_client_id",
+                                       "client id must be 1 to 128 letters and digits")
+                # curl -d sends its default Content-Type, as for a CSR.
+                self._check_body(request, ("application/json",
+                                           "application/x-www-form-urlencoded"),
+                                 "the revocation as JSON")
+            except RequestError as e:
+                audit("revocation_refused", path[12:140], None, None, None, e.code, e.message)
+                raise
+            return path
+        if path == "/ocsp":
+            _allow(request, ("POST",))
+            self._check_body(request, ("application/ocsp-request",), "the OCSP request")
+            return path
         raise RequestError(404, "not_found", f"no such resource: {path[:100]}")
+
+    def _check_body(self, request: Head | Request, media_types: tuple, what: str) -> None:
+        if not request.framed:
+            raise RequestError(411, "length_required", f"send {what} with a Content-Length")
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media and media not in media_types:
+            raise RequestError(415, "unsupported_media_type", f"Content-Type {media[:60]!r} "
+                               f"refused: send {' or '.join(media_types)}")
+        if self.server.stopping:
+            raise RequestError(503, "shutting_down", "the CA is shutting down; retry shortly")
 
     def _check_signing(self, request: Head | Request, client_id: str) -> None:
         try:
@@ -2860,7 +3353,26 @@ class SigningHandler:
                                            self._hook_headers(request.headers, authority)))
         if path == "/api/ca":
             return Response(200, authority.ca_pem, "application/pem-certificate-chain")
-        return self._health()
+        if path == "/api/health":
+            return self._health()
+        if path.startswith("/api/revoke/"):
+            return json_response(200, authority.revoke(Revoking(
+                request.body, path[12:], request.peer,
+                self._hook_headers(request.headers, authority))))
+        revocations = authority.revocations
+        if path.startswith("/api/crl"):
+            try:
+                crl = revocations.crl()
+            except StoreError as e:
+                log.error("CRL: %s", e)
+                raise RequestError(503, "store_failed", "the CA cannot read its store right "
+                                   "now") from None
+            if path == "/api/crl":
+                return Response(200, crl.der, "application/pkix-crl")
+            return Response(200, crl.pem, "application/x-pem-file")
+        if path == "/ocsp":
+            return Response(200, revocations.ocsp(request.body), OCSP_MEDIA_TYPE)
+        return Response(200, revocations.ocsp(_ocsp_get(path[6:])), OCSP_MEDIA_TYPE)
 
     def _health(self) -> Response:
         """Ready or stopping, and what the store holds (read on a pool thread: see
@@ -2898,6 +3410,18 @@ class SigningHandler:
         if authority.config.trusted_proxy:
             return Headers(headers)
         return Headers({k: v for k, v in headers.items() if not k.startswith(PROXY_HEADER_PREFIXES)})
+
+
+def _ocsp_get(encoded: str) -> bytes:
+    """RFC 6960 A.1: GET {url}/{url-encoding of base-64 encoding of the DER OCSPRequest}.
+    Some clients send the URL-safe alphabet, or drop the padding: both are read.  What is not
+    base64 at all is handed on as it is, to be answered malformedRequest."""
+    text = urllib.parse.unquote(encoded)
+    try:
+        return base64.b64decode(text.replace("-", "+").replace("_", "/")
+                                + "=" * (-len(text) % 4), validate=True)
+    except ValueError:
+        return text.encode("latin-1", "replace")
 
 
 def _allow(request: Head | Request, methods: tuple) -> None:
@@ -3250,7 +3774,8 @@ class SigningServer:
         path = request.path
         if path.startswith("/api/csr/"):
             return self.authority.per_request_hooks
-        return path.startswith("/api/health")
+        # The store is read (health, CRL, OCSP) or written (revocations).
+        return path.startswith(("/api/health", "/api/revoke/", "/api/crl", "/ocsp"))
 
     def _answer(self, conn: Connection, request: Request) -> None:
         """A pool thread: answer ``request`` and any whole requests pipelined behind it."""
@@ -3423,7 +3948,8 @@ class Daemon:
         self.runner = HookRunner(config.max_threads * 2)
         self.store = Store.open(config)
         self.committer = Committer(self.store)
-        self.authority = Authority.open(config, self._passphrase, self.runner, self.committer)
+        self.authority = Authority.open(config, self._passphrase, self.runner, self.committer,
+                                        self.store)
         prepare_store(self.store, config, self._importing)
         if self.authority.hooks.path is None:
             log.warning("no hooks file: every valid CSR is signed (set 'hooks' in %s)",
@@ -3593,7 +4119,7 @@ class Daemon:
                                          max_threads=old.config.max_threads,
                                          workers=old.config.workers)
             self.authority = Authority.open(config, self._passphrase, self.runner,
-                                            self.committer)
+                                            self.committer, self.store)
             if self.server is not None:
                 self.server.authority = self.authority
             if Store.open(config).where != self.store.where:
@@ -3807,7 +4333,7 @@ def command_sign(args) -> int:
     store = Store.open(config)
     committer = Committer(store)
     try:
-        authority = Authority.open(config, passphrase, HookRunner(1), committer)
+        authority = Authority.open(config, passphrase, HookRunner(1), committer, store)
         prepare_store(store, config)
         issued = authority.wait(authority.issue(Signing(body, args.client_id)))
     except RequestError as e:
@@ -3869,6 +4395,33 @@ def command_list(args) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
     finally:
         store.close()
+    return 0
+
+
+def command_revoke(args) -> int:
+    """Revoke one certificate in the store: every worker and host sharing it answers so from
+    the next request on.  Needs no key: the daemon signs the CRL and OCSP answers."""
+    config = Config.load(args.config)
+    try:
+        serial = parse_serial(args.serial)
+        reason = revocation_reason(args.reason)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    store = Store.open(config)
+    try:
+        record, revoked = store.revoke(serial, reason, utcnow())
+    finally:
+        store.close()
+    if record is None:
+        raise SapidError(f"no certificate with serial {serial} in {store.where}")
+    audit("revoked" if revoked else "already_revoked", record.client_id, record.subject,
+          record.serial, record.sha256, revocation_reason=record.revocation_reason,
+          by=f"{os.environ.get('SUDO_USER') or getpass.getuser()} (sapid revoke)")
+    if revoked:
+        print(f"revoked {serial} ({record.revocation_reason}) at {iso_time(record.revoked_at)}")
+    else:
+        print(f"{serial} was revoked already, at {iso_time(record.revoked_at)} "
+              f"({record.revocation_reason}); that date and reason stand")
     return 0
 
 
@@ -3940,6 +4493,13 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--revoked", action="store_true", help="only revoked certificates")
     listing.add_argument("--json", action="store_true", help="a JSON array of records")
     listing.set_defaults(run=command_list)
+
+    revoke = commands.add_parser("revoke", parents=[config], help="revoke a certificate")
+    revoke.add_argument("serial", metavar="SERIAL", help="hex, as in the API's serial")
+    revoke.add_argument("--reason", metavar="REASON",
+                        help="an RFC 5280 reason: " + ", ".join(REVOCATION_REASONS)
+                        + " (default unspecified)")
+    revoke.set_defaults(run=command_revoke)
 
     show = commands.add_parser("show", parents=[config], help="show one issued certificate")
     show.add_argument("serial", metavar="SERIAL", help="hex, as in the API's serial")

@@ -12,7 +12,9 @@ What it does:
 - Every name in a certificate is a DNS name under one of ``ALLOWED_DOMAINS``; a common name,
   if the CSR has one, must be one of those DNS names.
 - Devices in the lab (client ids starting with ``lab``) get certificates for a week only.
-- Every certificate names the CA's CRL, so that relying parties can check revocation.
+- A device may revoke its own certificates (``POST /api/revoke/<client_id>``), say when its
+  key leaked; the operator revokes any with ``sapid revoke``. Where relying parties find the
+  CRL and the OCSP responder is sapid.conf's ``crl_url`` and ``ocsp_url``.
 - Each issuance is logged with its serial, in the form ``openssl x509 -serial`` prints it,
   so the operator can find it with ``sapid show <SERIAL>``.
 """
@@ -38,9 +40,6 @@ ALLOWED_DOMAINS = ("devices.example.com", "lab.example.com")
 # Lab devices are reflashed often: their certificates should not outlive a test campaign.
 LAB_PREFIX = "lab"
 LAB_VALIDITY = datetime.timedelta(days=7)
-
-# Where the CA publishes its CRL (sapid records what it signs; the CRL is published elsewhere).
-CRL_URL = "http://pki.example.com/crl/devices-ca.crl"
 
 # How long before the CA certificate runs out the operator should hear about it at each load.
 CA_EXPIRY_WARNING = datetime.timedelta(days=60)
@@ -100,12 +99,6 @@ class Hooks(sapid.SigningHooks):
             return LAB_VALIDITY
         return None  # the validity_days of sapid.conf
 
-    def presign(self, draft):
-        # Relying parties find the CRL here; non-critical, as RFC 5280 recommends.
-        draft.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
-            full_name=[x509.UniformResourceIdentifier(CRL_URL)], relative_name=None,
-            reasons=None, crl_issuer=None)]), critical=False)
-
     def postsign(self, certificate):
         # The certificate is already in the records; raising here would only withhold it.
         serial = format(certificate.serial_number, "X")
@@ -113,3 +106,11 @@ class Hooks(sapid.SigningHooks):
         log.info("hooks: issued serial %s to client %s for %s, not after %s", serial,
                  self.client_id, self.csr.subject.rfc4514_string(),
                  certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+    def authorize_revocation(self, certificate, reason):
+        # A device revokes what was issued to it, while it is enrolled; nothing else.
+        if self.client_id not in ALLOWED_CLIENTS:
+            raise sapid.NotAuthorized(f"client {self.client_id} is not enrolled at this CA")
+        if self.record.client_id != self.client_id:
+            raise sapid.NotAuthorized("a client may revoke only its own certificates")
+        return True

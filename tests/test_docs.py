@@ -33,7 +33,7 @@ def test_every_option_is_documented():
     text = page("sapid.8")
     parser = sapid.build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"init", "serve", "sign", "check", "list", "show"}
+    assert set(commands) == {"init", "serve", "sign", "check", "list", "show", "revoke"}
     for name, sub in commands.items():
         assert re.search(rf"\b{name}\b", text), name
         for action in sub._actions:

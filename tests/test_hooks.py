@@ -792,7 +792,6 @@ def test_example_hooks(daemon_factory, tmp_path):
     hooks = write_hooks(etc, source)
     (etc / "clients.allow").write_text("# enrolled devices\nsensor42\nlab7   # bench 3\n")
     daemon = daemon_factory(hooks=str(hooks))
-    crl_url = re.search(r'^CRL_URL = "(.+)"$', source, re.MULTILINE).group(1)
 
     def csr(name, sans=None):
         return make_csr(tmp_path, subject=f"/CN={name}", sans=sans or f"DNS:{name}", name=name)
@@ -801,8 +800,7 @@ def test_example_hooks(daemon_factory, tmp_path):
     status, reply = daemon.sign(allowed, "sensor42")
     assert status == 200, reply
     certificate = certificate_of(reply)
-    points = certificate.extensions.get_extension_for_class(x509.CRLDistributionPoints)
-    assert points.value[0].full_name == [x509.UniformResourceIdentifier(crl_url)]
+    own = reply["serial"]
     lifetime = certificate.not_valid_after_utc - certificate.not_valid_before_utc
     assert lifetime == 365 * DAY + BACKDATE
     assert f"issued serial {reply['serial']} to client sensor42" in daemon.output()
@@ -829,6 +827,20 @@ def test_example_hooks(daemon_factory, tmp_path):
         assert status == 403 and reply["error"] == "not_authorized", (client, reply)
         assert why in reply["message"], reply
     assert len(issued(daemon)) == count == 2
+
+    # A device revokes its own certificate, not another's, and only while enrolled.
+    def revoke(client, serial):
+        return daemon.curl(f"/api/revoke/{client}", "POST",
+                           json.dumps({"serial": serial, "reason": "keyCompromise"}).encode(),
+                           {"Content-Type": "application/json"})[:2]
+    lab_serial, = [serial for serial, client in issued(daemon).items() if client == "lab7"]
+    status, reply = revoke("sensor42", lab_serial)
+    assert (status, reply["message"]) == (403, "a client may revoke only its own certificates")
+    status, reply = revoke("intruder", own)
+    assert status == 403 and "not enrolled" in reply["message"]
+    status, reply = revoke("sensor42", own)
+    assert status == 200 and reply["revocation_reason"] == "keyCompromise", reply
+    assert [row["serial"] for row in daemon.stored() if row["revoked_at"]] == [own]
 
     # Without its client list, the example refuses the start, saying which file is missing.
     bare = tmp_path / "bare"

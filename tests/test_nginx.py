@@ -3,6 +3,7 @@ paths and port changed) and proxying to the Unix socket; clients are curl over H
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -15,11 +16,15 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
 
 from conftest import ROOT, make_csr, openssl_verify, run, save_certificate, write_hooks
 
 # Reports what the hooks see, through the refusal message.
 REPORTING_HOOKS = """
+import base64
 import json
 import sapid
 
@@ -44,11 +49,13 @@ class Nginx:
     """nginx on a loopback port with examples/nginx.conf in front of a daemon's socket."""
 
     def __init__(self, folder: Path, sapid_socket: str, certificate: Path, key: Path, ca: Path):
-        self.folder, self.port = folder, free_port()
+        self.folder, self.port, self.http_port = folder, free_port(), free_port()
         site = (ROOT / "examples" / "nginx.conf").read_text()
         site = site.replace("unix:/run/sapid/sapid.sock", f"unix:{sapid_socket}")
         site = re.sub(r"listen 443 ssl;", f"listen 127.0.0.1:{self.port} ssl;", site)
         site = re.sub(r"\n\s*listen \[::\]:443 ssl;", "", site)
+        site = re.sub(r"listen 80;", f"listen 127.0.0.1:{self.http_port};", site)
+        site = re.sub(r"\n\s*listen \[::\]:80;", "", site)
         site = site.replace("/etc/ssl/certs/ca.example.com.pem", str(certificate))
         site = site.replace("/etc/ssl/private/ca.example.com.key", str(key))
         site = site.replace("/etc/nginx/sapid-ca.pem", str(ca))
@@ -216,3 +223,51 @@ def test_untrusted_proxy_headers_are_hidden(deployment, tmp_path):
     assert status == 403
     assert json.loads(reply["message"]) == {"x-forwarded-for": None, "x-ssl-client-verify": None,
                                             "x-ssl-client-cert": None, "x-ssl-client-serial": None}
+
+
+def test_crl_and_ocsp_are_served_to_anyone(deployment, tmp_path):
+    """examples/nginx.conf: the CRL and OCSP over plain HTTP and over TLS without a client
+    certificate; over plain HTTP nothing else, signing least of all."""
+    daemon, nginx, ca = deployment()
+    status, reply = nginx.curl("/api/csr/device1", "PUT", make_csr(tmp_path), ca=ca)
+    leaf = save_certificate(tmp_path, reply, "leaf.pem")
+    http = f"http://127.0.0.1:{nginx.http_port}"
+    out = tmp_path / "crl.der"
+    done = run(["curl", "-sS", "-o", str(out), "-w", "%{http_code} %{content_type}",
+                f"{http}/api/crl"])
+    assert done.stdout == "200 application/pkix-crl"
+    crl = x509.load_der_x509_crl(out.read_bytes())
+    assert crl.issuer == x509.load_pem_x509_certificate(ca.read_bytes()).subject
+    status, text = nginx.curl("/api/crl.pem", ca=ca)          # TLS, no client certificate
+    assert status == 200 and text.startswith("-----BEGIN X509 CRL-----")
+    told = run(["openssl", "ocsp", "-issuer", str(ca), "-cert", str(leaf), "-CAfile", str(ca),
+                "-url", f"{http}/ocsp"], check=False)
+    assert f"{leaf}: good" in told.stdout and "Response verify OK" in told.stderr, told
+    # GET with a base64 request that holds "//": it reaches sapid as sent.
+    certificate = x509.load_pem_x509_certificate(leaf.read_bytes())
+    issuer = x509.load_pem_x509_certificate(ca.read_bytes())
+    for attempt in range(100_000):          # about one nonce in thirty gives a "//"
+        der = (ocsp.OCSPRequestBuilder().add_certificate(certificate, issuer, hashes.SHA1())
+               .add_extension(x509.OCSPNonce(os.urandom(16)), critical=False).build()
+               .public_bytes(serialization.Encoding.DER))
+        encoded = base64.b64encode(der).decode()
+        if "//" in encoded:
+            break
+    assert "//" in encoded
+    answer = tmp_path / "answer.der"
+    done = run(["curl", "-sS", "--path-as-is", "-o", str(answer), "-w", "%{http_code}",
+                f"{http}/ocsp/{encoded}"])
+    assert done.stdout == "200"
+    answered = ocsp.load_der_ocsp_response(answer.read_bytes())
+    assert answered.certificate_status == ocsp.OCSPCertStatus.GOOD
+    assert answered.serial_number == certificate.serial_number
+    assert answered.extensions.get_extension_for_class(x509.OCSPNonce).value == (
+        ocsp.load_der_ocsp_request(der).extensions.get_extension_for_class(x509.OCSPNonce).value)
+    issuer.public_key().verify(answered.signature, answered.tbs_response_bytes,
+                               ec.ECDSA(answered.signature_hash_algorithm))
+    # Signing and revoking are not on plain HTTP.
+    for method, path in (("PUT", "/api/csr/device1"), ("POST", "/api/revoke/device1"),
+                         ("GET", "/api/health")):
+        done = run(["curl", "-sS", "-X", method, "--data-binary", "x", "-w", " %{http_code}",
+                    f"{http}{path}"])
+        assert done.stdout.endswith(" 404") and "not_found" in done.stdout, done.stdout

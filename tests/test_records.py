@@ -86,7 +86,7 @@ def test_the_sqlite_store_is_a_plain_file_operators_can_read(daemon, tmp_path):
     shell = run(["sqlite3", str(database), "PRAGMA journal_mode;",
                  "SELECT value FROM sapid_meta WHERE name = 'schema';",
                  "SELECT serial, client_id FROM certificates;"]).stdout.split()
-    assert shell == ["wal", "1", f"{reply['serial']}|plain"]
+    assert shell == ["wal", str(len(sapid.MIGRATIONS)), f"{reply['serial']}|plain"]
     indexes = run(["sqlite3", str(database), ".indexes certificates"]).stdout.split()
     assert {"certificates_by_client", "certificates_by_not_after",
             "certificates_revoked"} <= set(indexes), indexes
@@ -105,9 +105,38 @@ def test_a_store_newer_than_this_sapid_is_refused(daemon_factory):
     done = subprocess.run([*SAPID, "serve", "-c", str(daemon.config)], env=sapid_env(),
                           capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 1, done.stderr
-    assert done.stderr.strip().endswith("schema version 99 is newer than this sapid's (1); "
+    assert done.stderr.strip().endswith("schema version 99 is newer than this sapid's (2); "
                                         "run a newer sapid"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_store_of_the_first_schema_is_brought_forward(daemon_factory, store, tmp_path):
+    """A store as the first schema left it (certificates, no revocation count) is migrated at
+    start, its certificates kept and revocable."""
+    daemon = daemon_factory(start=False, **store)
+    if store:
+        import psycopg
+        connection = psycopg.connect(store["store"], user="root", autocommit=True)
+        types = {"time": "TIMESTAMPTZ", "blob": "BYTEA", "int": "BIGINT"}
+    else:
+        daemon.state.mkdir()
+        connection = sqlite3.connect(daemon.state / "sapid.db", isolation_level=None)
+        types = {"time": "TEXT", "blob": "BLOB", "int": "INTEGER"}
+    connection.execute("CREATE TABLE sapid_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    connection.execute("INSERT INTO sapid_meta VALUES ('schema', '1')")
+    for statement in sapid.MIGRATIONS[0]:
+        connection.execute(statement.format(**types))
+    connection.close()
+    daemon.start()
+    assert "schema brought from version 1 to 2" in daemon.output()
+    status, reply = daemon.sign(make_csr(tmp_path))
+    assert status == 200, reply
+    done = run([*SAPID, "revoke", "-c", str(daemon.config), reply["serial"]], env=sapid_env())
+    assert done.stdout.startswith(f"revoked {reply['serial']} ")
+    status, crl, _ = daemon.curl("/api/crl.pem")
+    assert status == 200
+    assert len(x509.load_pem_x509_crl(crl.encode())) == 1
+    assert [row["revocation_reason"] for row in daemon.stored()] == ["unspecified"]
 
 
 def test_serial_collision_draws_another(identities, tmp_path):
