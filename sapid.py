@@ -1287,9 +1287,10 @@ INSERT_ROWS = 500
 # libpq settings a URI may override: a PostgreSQL that is gone fails a commit in seconds,
 # not after the kernel's TCP timeouts of a quarter of an hour.
 # A commit that waits on another session's lock fails as an SQLite one does, after 5 s.
+POSTGRES_LIMITS = ("lock_timeout=5000", "statement_timeout=30000")
 POSTGRES_DEFAULTS = {"connect_timeout": "5", "keepalives_idle": "10", "keepalives_interval": "3",
                      "keepalives_count": "3", "tcp_user_timeout": "15000",
-                     "options": "-c lock_timeout=5000 -c statement_timeout=30000"}
+                     "options": " ".join(f"-c {limit}" for limit in POSTGRES_LIMITS)}
 # The store of a fleet is created once: hosts starting together take this lock to migrate it.
 POSTGRES_MIGRATION_LOCK = 0x5A91D
 # Files of sapid 0.1, imported into the store once.
@@ -1335,6 +1336,17 @@ MIGRATIONS = (
         "CREATE TABLE revocation_changes (id INTEGER PRIMARY KEY CHECK (id = 1),"
         " changes {int} NOT NULL)",
         "INSERT INTO revocation_changes (id, changes) VALUES (1, 0)",
+        # Listings page through these in their order (sapid list, --client, --expiring):
+        # each page is a range of an index, not a sort of the whole table.
+        "CREATE INDEX certificates_by_issue ON certificates (issued_at, serial)",
+        "DROP INDEX certificates_by_client",
+        "CREATE INDEX certificates_by_client ON certificates (client_id, issued_at, serial)",
+        "DROP INDEX certificates_by_not_after",
+        "CREATE INDEX certificates_by_not_after ON certificates (not_after, serial)",
+        # What a CRL lists, in the index itself: building one reads no certificate rows.
+        "DROP INDEX certificates_revoked",
+        "CREATE INDEX certificates_revoked ON certificates"
+        " (revoked_at, not_after, serial, revocation_reason) WHERE revoked_at IS NOT NULL",
     ),
 )
 COLUMNS = ("serial", "client_id", "subject", "sans", "not_before", "not_after", "sha256", "der",
@@ -1408,6 +1420,13 @@ class Store:
 
     types = {"time": "TEXT", "blob": "BLOB", "int": "INTEGER"}
     begin_write = "BEGIN IMMEDIATE"
+    # Whether a kept connection that fails at BEGIN is worth replacing at once (a server's
+    # connection may have been closed by a restart; an SQLite file's failure is the file's).
+    _reconnects = False
+    # SQLite's "+column": a term no index may serve.  Without statistics SQLite would read
+    # the revoked certificates through the index of every certificate's not_after (a million
+    # rows for 100,000 revoked, 17 times slower) instead of the index of revoked ones.
+    _unindexed = "+"
 
     def __init__(self, where: str):
         self.where = where
@@ -1456,16 +1475,7 @@ class Store:
         with self._locks[write]:
             cursor = None
             try:
-                connection = self._connections[write]
-                if connection is not None and self._stale(connection):
-                    self._drop(write)
-                    connection = None
-                if connection is None:
-                    connection = self._connections[write] = self._connect(create or write)
-                if write:
-                    self._check_writable()
-                cursor = connection.cursor()
-                cursor.execute(self.begin_write if write else "BEGIN")
+                cursor = self._begin(write, create)
                 yield cursor
                 cursor.execute("COMMIT")
             except self._errors() as e:
@@ -1480,6 +1490,29 @@ class Store:
                         cursor.execute("ROLLBACK")
                 raise
 
+    def _begin(self, write: bool, create: bool):
+        """A cursor in a new transaction.  A connection kept from before that fails at BEGIN
+        (nothing sent yet: a PostgreSQL restarted meanwhile closed it) is replaced once."""
+        for kept in (True, False):
+            connection = self._connections[write]
+            if connection is not None and self._stale(connection):
+                self._drop(write)
+                connection = None
+            if connection is None:
+                kept = False
+                connection = self._connections[write] = self._connect(create or write)
+            if write:
+                self._check_writable()
+            cursor = connection.cursor()
+            try:
+                cursor.execute(self.begin_write if write else "BEGIN")
+                return cursor
+            except self._errors():
+                if not kept or not self._reconnects:
+                    raise
+                self._drop(write)
+        raise AssertionError("unreachable")
+
     def _sql(self, text: str) -> str:
         return text
 
@@ -1489,8 +1522,11 @@ class Store:
         """Create the schema or bring it forward; refuse a store newer than this sapid."""
         with self._session(write=True) as cursor:
             self._lock_migration(cursor)
-            cursor.execute("CREATE TABLE IF NOT EXISTS sapid_meta"
-                           " (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            # Looked for first: creating it "if not exists" would need the right to create
+            # tables, which a role that only reads and writes a prepared store lacks.
+            if not self._has_meta(cursor):
+                cursor.execute("CREATE TABLE sapid_meta"
+                               " (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
             cursor.execute(self._sql("SELECT value FROM sapid_meta WHERE name = ?"), ("schema",))
             row = cursor.fetchone()
             version = int(row[0]) if row else 0
@@ -1510,6 +1546,11 @@ class Store:
     def _lock_migration(self, cursor) -> None:
         pass            # SQLite: BEGIN IMMEDIATE already holds the only write lock
 
+    @staticmethod
+    def _has_meta(cursor) -> bool:
+        cursor.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sapid_meta'")
+        return cursor.fetchone() is not None
+
     def _set_meta(self, cursor, name: str, value: str) -> None:
         cursor.execute(self._sql("INSERT INTO sapid_meta (name, value) VALUES (?, ?) ON CONFLICT"
                                  " (name) DO UPDATE SET value = excluded.value"), (name, value))
@@ -1526,24 +1567,26 @@ class Store:
 
     # Writing ------------------------------------------------------------------------------
 
-    def add(self, records: list[Record]) -> set[str]:
-        """Add ``records`` in one transaction, durable on return; the serials that were in the
-        store already (those records are not added).  StoreError: none is added."""
+    def add(self, records: list[Record]) -> set[int]:
+        """Add ``records`` in one transaction, durable on return; the positions in ``records``
+        of those not added, their serial being in the store already (or earlier in the
+        list: the first of two is the one added).  StoreError: none is added."""
         taken, seen, fresh = set(), set(), []
-        for record in records:          # the first of two with one serial is the one added
+        for position, record in enumerate(records):
             if record.serial in seen:
-                taken.add(record.serial)
+                taken.add(position)
             else:
                 seen.add(record.serial)
-                fresh.append(record)
+                fresh.append((position, record))
         added = 0
         with self._session(write=True) as cursor:
             for start in range(0, len(fresh), INSERT_ROWS):
                 part = fresh[start:start + INSERT_ROWS]
                 cursor.execute(self._insert(len(part)),
-                               [value for record in part for value in self._row(record)])
+                               [value for _, record in part for value in self._row(record)])
                 inserted = {row[0] for row in cursor.fetchall()}
-                taken.update(r.serial for r in part if r.serial not in inserted)
+                taken.update(position for position, record in part
+                             if record.serial not in inserted)
                 added += len(inserted)
             if added:
                 cursor.execute(self._sql(
@@ -1628,8 +1671,8 @@ class Store:
             cursor.execute("SELECT changes FROM revocation_changes WHERE id = 1")
             changes = int(cursor.fetchone()[0])
             cursor.execute(self._sql("SELECT serial, revoked_at, revocation_reason FROM"
-                                     " certificates WHERE revoked_at IS NOT NULL"
-                                     " AND not_after >= ?"), (self._time(now),))
+                                     " certificates WHERE revoked_at IS NOT NULL AND"
+                                     f" {self._unindexed}not_after >= ?"), (self._time(now),))
             entries = []
             while rows := cursor.fetchmany(10000):
                 entries += [(serial, self._from_time(at), reason) for serial, at, reason in rows]
@@ -1656,8 +1699,8 @@ class Store:
         if client_id is not None:
             where.append("client_id = ?")
             values.append(client_id)
-        if expiring is not None:
-            where += ["not_after >= ?", "not_after <= ?"]
+        if expiring is not None:          # valid now: neither expired nor revoked
+            where += ["not_after >= ?", "not_after <= ?", "revoked_at IS NULL"]
             values += [self._time(now), self._time(expiring)]
         if revoked:
             where.append("revoked_at IS NOT NULL")
@@ -1792,6 +1835,8 @@ class PostgresStore(Store):
 
     types = {"time": "TIMESTAMPTZ", "blob": "BYTEA", "int": "BIGINT"}
     begin_write = "BEGIN"
+    _reconnects = True
+    _unindexed = ""         # PostgreSQL plans from the statistics it keeps
 
     def __init__(self, uri: str):
         super().__init__(_redacted_uri(uri))
@@ -1817,6 +1862,11 @@ class PostgresStore(Store):
         try:
             given = psycopg.conninfo.conninfo_to_dict(self.uri)
             settings = {key: value for key, value in settings.items() if key not in given}
+            if "options" in given:
+                # The URI's own options (a search_path, say) keep the timeouts it does not set.
+                settings["options"] = " ".join(
+                    [given["options"]] + [f"-c {limit}" for limit in POSTGRES_LIMITS
+                                          if limit.split("=")[0] not in given["options"]])
             return psycopg.connect(self.uri, autocommit=True, **settings)
         except psycopg.Error as e:
             raise StoreError(f"{self.where}: {_one_line(e)}") from None
@@ -1826,6 +1876,11 @@ class PostgresStore(Store):
 
     def _lock_migration(self, cursor) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", (POSTGRES_MIGRATION_LOCK,))
+
+    @staticmethod
+    def _has_meta(cursor) -> bool:
+        cursor.execute("SELECT to_regclass('sapid_meta') IS NOT NULL")
+        return bool(cursor.fetchone()[0])
 
 
 def _redacted_uri(uri: str) -> str:
@@ -1893,6 +1948,10 @@ class Committer:
         """Queue ``record`` for the next commit: see ``flush`` and ``wait``."""
         ticket = Ticket(record)
         with self._lock:
+            if self._closing and not (self._thread and self._thread.is_alive()):
+                # Closed: nothing would commit it, and a waiter must not wait for ever.
+                ticket.error, ticket.done = StoreError(f"{self.store.where}: closed"), True
+                return ticket
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="sapid-commit",
                                                 daemon=True)
@@ -1955,8 +2014,8 @@ class Committer:
                 if not isinstance(e, StoreError):
                     log.exception("committing %d certificates failed", len(batch))
             with self._lock:
-                for ticket in batch:
-                    ticket.taken, ticket.error = ticket.record.serial in taken, error
+                for position, ticket in enumerate(batch):
+                    ticket.taken, ticket.error = position in taken, error
                     ticket.done = True
                 self.batches += 1
                 self._busy = False
@@ -1985,7 +2044,9 @@ def import_legacy(store: Store, folder: str, progress) -> None:
     if not os.path.exists(journal):
         return
     look = json.dumps(_legacy_look(folder))
-    if store.meta("legacy_import") == look:
+    # Per host and folder: hosts sharing a PostgreSQL store each import their own once.
+    mark = f"legacy_import:{socket.gethostname()}:{os.path.realpath(folder)}"
+    if store.meta(mark) == look:
         return
     found = added = 0
     batch = []
@@ -2009,7 +2070,7 @@ def import_legacy(store: Store, folder: str, progress) -> None:
             found += len(records)
             batch.extend(records)
             flush()
-    store.set_meta("legacy_import", look)
+    store.set_meta(mark, look)
     log.info("%s: imported %d certificates from %d journal records and %d index files of an "
              "earlier sapid into %s; the old files are left in place", folder, added, journaled,
              found - journaled, store.where)
@@ -2033,11 +2094,21 @@ def _journal_records(path: str):
         while chunk := file.read(1 << 20):
             rest += chunk
             cut = rest.rfind(PEM_END) + len(PEM_END) if PEM_END in rest else 0
-            for match in LEGACY_HEADER.finditer(rest, 0, cut):
-                end = rest.find(PEM_END, match.end())
+            matches = list(LEGACY_HEADER.finditer(rest, 0, cut))
+            for match, following in zip(matches, [*matches[1:], None]):
+                # A record ends at its PEM's end, never past the next header: a header whose
+                # write was torn must not take the next record's certificate.
+                end = rest.find(PEM_END, match.end(), following.start() if following else cut)
+                if end < 0:
+                    log.warning("%s: a record of serial %s without its certificate, not "
+                                "imported", path, match[1].decode())
+                    continue
                 record = _legacy_record(rest[match.end():end + len(PEM_END)],
                                         match[2].decode(), match[3].decode())
-                if record is not None:
+                if record is not None and record.serial != match[1].decode():
+                    log.warning("%s: the record of serial %s holds certificate %s; not "
+                                "imported", path, match[1].decode(), record.serial)
+                elif record is not None:
                     yield record
             rest = rest[cut:]
     if rest.strip():
@@ -2068,8 +2139,14 @@ def _missing_records(store: Store, folder: str, part: list[str]) -> list[Record]
         if serial in present:
             continue
         path = os.path.join(folder, f"{serial}.pem")
-        moment = datetime.datetime.fromtimestamp(os.stat(path).st_mtime, datetime.timezone.utc)
-        record = _legacy_record(_read(path), "", iso_time(moment))
+        try:
+            moment = datetime.datetime.fromtimestamp(os.stat(path).st_mtime,
+                                                     datetime.timezone.utc)
+            pem = _read(path)
+        except (OSError, ConfigError) as e:
+            log.warning("%s: %s; not imported", path, e)
+            continue
+        record = _legacy_record(pem, "", iso_time(moment))
         if record is not None:
             records.append(record)
     return records
@@ -2080,11 +2157,11 @@ def _legacy_record(pem: bytes, client_id: str, at: str) -> Record | None:
         certificate = x509.load_pem_x509_certificate(pem)
         issued_at = datetime.datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(
             tzinfo=datetime.timezone.utc)
-    except ValueError as e:
+        return Record.of(certificate, certificate.public_bytes(serialization.Encoding.DER),
+                         client_id, issued_at)
+    except ValueError as e:     # its extensions, too, are read only here
         log.warning("a record of an earlier sapid is not a certificate (%s); not imported", e)
         return None
-    return Record.of(certificate, certificate.public_bytes(serialization.Encoding.DER),
-                     client_id, issued_at)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2432,14 +2509,8 @@ class Signing:
     headers: Headers | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Revoking:
-    """One ``POST /api/revoke/<client_id>`` as the pipeline takes it."""
-
-    body: bytes
-    client_id: str
-    peer: tuple | None = None
-    headers: Headers | None = None
+class Revoking(Signing):
+    """One ``POST /api/revoke/<client_id>`` as the pipeline takes it: the same parts."""
 
 
 EXTENSION_LEAF = x509.Extension(ExtensionOID.BASIC_CONSTRAINTS, True,
@@ -3381,7 +3452,7 @@ class SigningHandler:
             return json_response(503, {"status": "stopping"})
         try:
             count = self.server.store.count()
-        except StoreError as e:
+        except (StoreError, ConfigError) as e:      # ConfigError: an unreadable credential
             log.error("health: %s", e)
             return json_response(503, {"status": "store_failed", "error": "store_failed",
                                        "message": "the CA cannot read its store right now"})
@@ -3779,14 +3850,19 @@ class SigningServer:
 
     def _answer(self, conn: Connection, request: Request) -> None:
         """A pool thread: answer ``request`` and any whole requests pipelined behind it."""
-        while request is not None:
-            outcome = self.handler.respond(request)
-            while isinstance(outcome, Pending):
-                self.committer.wait(outcome.ticket)
-                outcome = self.handler.finish(outcome, request)
-            if not self._deliver(conn, request, outcome):
-                return
-            request = self._advance(conn) if conn.reader.pending else None
+        try:
+            while request is not None:
+                outcome = self.handler.respond(request)
+                while isinstance(outcome, Pending):
+                    self.committer.wait(outcome.ticket)
+                    outcome = self.handler.finish(outcome, request)
+                if not self._deliver(conn, request, outcome):
+                    return
+                request = self._advance(conn) if conn.reader.pending else None
+        except Exception:
+            log.exception("internal error answering %s %s", request.method, request.path[:200])
+            self._release(conn)            # never a connection left waiting for nothing
+            return
         conn.busy = False
         self._rearm(conn)
 

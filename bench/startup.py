@@ -28,12 +28,18 @@ import run  # bench/run.py: the sapid process, its READY=1 and its memory
 ROWS_PER_COMMIT = 50_000
 
 
+def serial() -> str:
+    """A random serial as sapid writes it: upper-case hex of even length, no leading 00."""
+    text = format(secrets.randbits(159), "X")
+    return text.zfill(len(text) + len(text) % 2)
+
+
 def fill(database: Path, count: int, der: bytes) -> None:
     """``count`` rows as sapid writes them (the CA's own DER stands in for each certificate),
     straight into the store a first start created."""
     with sqlite3.connect(database) as connection:
         for start in range(0, count, ROWS_PER_COMMIT):
-            rows = [(secrets.token_hex(20).upper(), f"bench{n % 1000}", "CN=bench.example",
+            rows = [(serial(), f"bench{n % 1000}", "CN=bench.example",
                      json.dumps(["DNS:bench.example"]), "2026-01-01T00:00:00Z",
                      f"2027-{n % 12 + 1:02d}-01T00:00:00Z", secrets.token_hex(32), der,
                      "2026-01-01T00:00:00Z")

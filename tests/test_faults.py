@@ -589,3 +589,23 @@ def test_sigkill_under_load(daemon_factory, store, tmp_path):
     status, reply = daemon.sign(tmp_path / "load0.pem", "after")
     assert status == 200, reply
     assert "Traceback" not in daemon.output()
+
+
+def test_a_postgresql_restarted_while_idle_costs_no_request(daemon_factory, tmp_path):
+    """The server restarted between two requests (nothing was in flight): the daemon's kept
+    connections are dead, and the next signing and health check still succeed, each on a new
+    connection."""
+    cluster = PostgresCluster()
+    try:
+        daemon = daemon_factory(store=cluster.database())
+        csr = make_csr(tmp_path)
+        before = signed_before(daemon, csr)
+        assert daemon.curl("/api/health")[0] == 200
+        cluster.stop()
+        cluster.start()
+        status, reply = daemon.sign(csr, "after")
+        assert status == 200, reply
+        status, health, _ = daemon.curl("/api/health")
+        assert (status, health["certificates_issued"]) == (200, len(before) + 1), health
+    finally:
+        cluster.close()

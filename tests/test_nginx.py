@@ -45,6 +45,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def nginx_conf(folder: Path, http: str) -> Path:
+    """``folder/nginx.conf`` for an nginx of the test's own, all its files in ``folder``, with
+    ``http`` in its http block."""
+    path = folder / "nginx.conf"
+    path.write_text(f"""
+daemon off;
+user root;
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {folder}/access.log;
+    client_body_temp_path {folder}/body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    {http}
+}}
+""")
+    return path
+
+
 class Nginx:
     """nginx on a loopback port with examples/nginx.conf in front of a daemon's socket."""
 
@@ -61,23 +85,7 @@ class Nginx:
         site = site.replace("/etc/nginx/sapid-ca.pem", str(ca))
         assert str(certificate) in site and f":{self.port} ssl" in site
         (folder / "site.conf").write_text(site)
-        (folder / "nginx.conf").write_text(f"""
-daemon off;
-user root;
-worker_processes 1;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {folder}/access.log;
-    client_body_temp_path {folder}/body;
-    proxy_temp_path {folder}/proxy;
-    fastcgi_temp_path {folder}/fastcgi;
-    uwsgi_temp_path {folder}/uwsgi;
-    scgi_temp_path {folder}/scgi;
-    include {folder}/site.conf;
-}}
-""")
+        nginx_conf(folder, f"include {folder}/site.conf;")
         run(["nginx", "-t", "-p", str(folder), "-c", str(folder / "nginx.conf")])
         self.process = subprocess.Popen(["nginx", "-p", str(folder), "-c",
                                          str(folder / "nginx.conf")],

@@ -7,11 +7,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
 import stat
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -371,3 +373,156 @@ def test_the_postgresql_password_comes_from_a_credential(daemon_factory, postgre
     errors = [line for line in done.stderr.splitlines() if line.startswith("sapid: error: ")]
     assert len(errors) == 1 and 'password authentication failed for user "sapidpw"' in errors[0]
     assert "not the password" not in done.stderr and "Traceback" not in done.stderr
+
+
+# The store's own promises, in process against real databases ----------------------------------
+
+def record_of(serial: str, client_id: str) -> sapid.Record:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return sapid.Record(serial, client_id, "CN=x", (), now, now, "00" * 32, b"\x30\x00", now)
+
+
+def test_two_records_with_one_serial_in_a_batch(tmp_path):
+    """The first is added and its ticket is not taken; only the second draws again."""
+    store = sapid.SQLiteStore(str(tmp_path / "sapid.db"))
+    store.prepare()
+    committer = sapid.Committer(store)
+    try:
+        assert store.add([record_of("0A", "first"), record_of("0A", "second"),
+                          record_of("0B", "third")]) == {1}
+        assert store.add([record_of("0B", "again"), record_of("0C", "new")]) == {0}
+        # Through the committer, in one batch: tickets by position, not by serial.  An open
+        # transaction of another connection holds the committer on a first record, so that
+        # the two are queued together behind it.
+        blocker = sqlite3.connect(tmp_path / "sapid.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        first = committer.submit(record_of("0C0C", "first"))
+        deadline = time.monotonic() + 10
+        while not committer._busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        tickets = [committer.submit(record_of("0D", "one")), committer.submit(
+            record_of("0D", "two"))]
+        blocker.execute("COMMIT")
+        blocker.close()
+        for ticket in [first, *tickets]:
+            committer.wait(ticket)
+        assert committer.batches == 2
+        assert [(t.taken, t.error) for t in tickets] == [(False, None), (True, None)]
+        assert store.get("0D").client_id == "one"
+    finally:
+        committer.close()
+        store.close()
+    # Closed, a committer fails what it is given instead of leaving it waiting.
+    late = committer.submit(record_of("0E", "late"))
+    assert late.done and isinstance(late.error, sapid.StoreError)
+
+
+def test_listings_read_an_index_not_a_sort(tmp_path):
+    store = sapid.SQLiteStore(str(tmp_path / "sapid.db"))
+    store.prepare()
+    store.close()
+    connection = sqlite3.connect(tmp_path / "sapid.db")
+    query = ("SELECT serial FROM certificates {where} ORDER BY {order}, serial LIMIT 1000")
+    for where, order in (("", "issued_at"), ("WHERE client_id = 'a'", "issued_at"),
+                         ("WHERE not_after >= '2026' AND not_after <= '2027'"
+                          " AND revoked_at IS NULL", "not_after"),
+                         ("WHERE (issued_at, serial) > ('2026', '0A')", "issued_at")):
+        plan = " ".join(str(row) for row in connection.execute(
+            "EXPLAIN QUERY PLAN " + query.format(where=where, order=order)))
+        assert "TEMP B-TREE" not in plan and re.search("USING (COVERING )?INDEX", plan), (
+            where, plan)
+    connection.close()
+    # What a CRL lists is read through the index of revoked certificates, which a store
+    # without statistics would not choose by itself.
+    store = sapid.SQLiteStore(str(tmp_path / "sapid.db"))
+    try:
+        store.revoked(sapid.utcnow())
+        statements = []
+        store._connections[False].set_trace_callback(statements.append)
+        store.revoked(sapid.utcnow())
+        query, = [text for text in statements if "revoked_at IS NOT NULL" in text]
+        with store._session() as cursor:
+            cursor.execute("EXPLAIN QUERY PLAN " + query)
+            plan = " ".join(str(row) for row in cursor.fetchall())
+        assert "USING COVERING INDEX certificates_revoked" in plan, plan
+    finally:
+        store.close()
+
+
+def test_the_journal_of_an_earlier_sapid_is_read_record_by_record(tmp_path):
+    """A header whose certificate was never written (a torn write) does not take the next
+    record's certificate; a record whose certificate is another serial's is left out."""
+    journal = (LEGACY / "issued.pem").read_bytes()
+    records = [part for part in journal.split(b"# serial ") if part]
+    first, second = (b"# serial " + part for part in records[:2])
+    header_only = first.split(b"\n", 1)[0] + b"\n"
+    wrong = second.split(b"\n", 1)[0].replace(second[9:15], b"ABCDEF") + b"\n" + (
+        first.split(b"\n", 1)[1])
+    folder = tmp_path / "state"
+    folder.mkdir()
+    (folder / "issued.pem").write_bytes(header_only + second + wrong)
+    store = sapid.SQLiteStore(str(folder / "sapid.db"))
+    store.prepare()
+    try:
+        sapid.import_legacy(store, str(folder), lambda count: None)
+        rows = [(r.serial, r.client_id) for r in store.select()]
+    finally:
+        store.close()
+    serial, client = re.match(rb"# serial (\S+) client (\S+)", second).groups()
+    assert rows == [(serial.decode(), client.decode())]
+
+
+def test_hosts_sharing_a_store_each_import_their_own_files_once(postgres, tmp_path, caplog):
+    uri = postgres.database(owner="root")
+    store = sapid.PostgresStore(uri)
+    store.prepare()
+    folders = []
+    for name in ("one", "two"):
+        folders.append(tmp_path / name)
+        shutil.copytree(LEGACY, folders[-1])
+    try:
+        with caplog.at_level("INFO", "sapid"):
+            for folder in folders + folders:
+                sapid.import_legacy(store, str(folder), lambda count: None)
+        imports = [r.message for r in caplog.records if "certificates from" in r.message]
+        assert len(imports) == 2, imports
+    finally:
+        store.close()
+
+
+def test_postgresql_options_in_the_uri_keep_the_timeouts(postgres):
+    uri = postgres.database(owner="root") + "&options=-c%20search_path%3Dpublic"
+    store = sapid.PostgresStore(uri)
+    try:
+        with store._session() as cursor:
+            cursor.execute("SHOW lock_timeout")
+            assert cursor.fetchone()[0] == "5s"
+            cursor.execute("SHOW search_path")
+            assert cursor.fetchone()[0] == "public"
+    finally:
+        store.close()
+
+
+def test_a_role_that_only_reads_and_writes_a_prepared_store(daemon_factory, postgres, tmp_path):
+    """The DBA made the tables; sapid's role may only read and write them, not create any."""
+    uri = postgres.database()
+    prepared = sapid.PostgresStore(uri.replace("postgresql://", "postgresql://root@"))
+    prepared.prepare()
+    prepared.close()
+    name = uri.split("///", 1)[1].split("?")[0]
+    run(["psql", "-h", str(postgres.sockets), "-d", name, "-c",
+         "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO sapidpw"])
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "store-password").write_text(postgres.PASSWORD + "\n")
+    daemon = daemon_factory(store=uri.replace("postgresql://", "postgresql://sapidpw@"),
+                            env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    status, reply = daemon.sign(make_csr(tmp_path))
+    assert status == 200, reply
+    # The negative twin: that role cannot create a table, so a start that had to fails.
+    done = run(["psql", "-h", str(postgres.sockets), "-d", name, "-U", "sapidpw", "-c",
+                "CREATE TABLE probe (x int)"], env={**os.environ,
+                                                    "PGPASSWORD": postgres.PASSWORD},
+               check=False)
+    assert done.returncode != 0 and "permission denied" in done.stderr, done.stderr

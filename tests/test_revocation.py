@@ -5,6 +5,7 @@ ssl, nginx as a TLS server, pkilint), each positive check beside its negative tw
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import json
 import re
@@ -462,6 +463,10 @@ def test_sapid_revoke_on_the_command_line(site):
     listed = json.loads(run([*SAPID, "list", "-c", config, "--revoked", "--json"]).stdout)
     assert [(r["serial"], r["status"], r["revocation_reason"], r["revoked_at"])
             for r in listed] == [(serial, "revoked", "cessationOfOperation", when)]
+    # Valid now, soon to expire: the revoked one is not.
+    other, other_serial = web.sign("device1", "other")
+    expiring = run([*SAPID, "list", "-c", config, "--expiring", "400"]).stdout
+    assert other_serial in expiring and serial not in expiring, expiring
     shown = run([*SAPID, "show", "-c", config, serial]).stdout
     assert "status: revoked" in shown and "revocation_reason: cessationOfOperation" in shown
     # Each revocation is audited, the second too.
@@ -606,7 +611,7 @@ def test_gnutls_and_python_ssl_honour_the_crl(site):
 
 
 def test_nginx_refuses_a_client_once_its_certificate_is_revoked(site, tmp_path):
-    from test_nginx import free_port as nginx_port
+    from test_nginx import free_port as nginx_port, nginx_conf
     web = site()
     ca = ca_of(web)
     server_cert, _ = web.sign("device1", "localhost")
@@ -615,20 +620,7 @@ def test_nginx_refuses_a_client_once_its_certificate_is_revoked(site, tmp_path):
     port = nginx_port()
     folder = tmp_path / "nginx"
     folder.mkdir()
-    (folder / "nginx.conf").write_text(f"""
-daemon off;
-user root;
-worker_processes 1;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log {folder}/access.log;
-    client_body_temp_path {folder}/body;
-    proxy_temp_path {folder}/proxy;
-    fastcgi_temp_path {folder}/fastcgi;
-    uwsgi_temp_path {folder}/uwsgi;
-    scgi_temp_path {folder}/scgi;
+    nginx_conf(folder, f"""
     server {{
         listen 127.0.0.1:{port} ssl;
         ssl_certificate {server_cert};
@@ -637,9 +629,7 @@ http {{
         ssl_verify_client on;
         ssl_crl {folder}/crl.pem;
         location / {{ return 200 "in\\n"; }}
-    }}
-}}
-""")
+    }}""")
     (folder / "crl.pem").write_bytes(crl.read_bytes())
     nginx = subprocess.Popen(["nginx", "-p", str(folder), "-c", str(folder / "nginx.conf")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -766,3 +756,29 @@ def test_a_revocation_on_one_host_shows_on_the_other(site, postgres):
     finally:
         postgres.start()
     assert f"{cert}: revoked" in other.ocsp("-issuer", str(ca), "-cert", str(cert))
+
+
+def test_a_crl_is_built_again_once_half_its_life_is_gone(identities, tmp_path):
+    """In process, on a real store: the CRL is kept while it is young and nothing was revoked,
+    and built anew (a higher number) once half of crl_days has passed since its thisUpdate."""
+    from conftest import PASSPHRASE
+    store = sapid.SQLiteStore(str(tmp_path / "sapid.db"))
+    store.prepare()
+    identity = sapid.Identity.load(str(identities("p256")), PASSPHRASE)
+    authority = sapid.Authority(sapid.Config(crl_days=2), identity, sapid.BUILTIN_HOOKS, None,
+                                sapid.HookRunner(1), store)
+    revocations = authority.revocations
+    try:
+        first = revocations.crl()
+        assert revocations.crl() is first
+        aged = dataclasses.replace(first, this_update=first.this_update - datetime.timedelta(
+            hours=23, minutes=59))
+        revocations._crl = aged
+        assert revocations.crl() is aged                    # not yet half of two days
+        revocations._crl = dataclasses.replace(aged, this_update=aged.this_update
+                                               - datetime.timedelta(minutes=2))
+        fresh = revocations.crl()
+        assert fresh.number > first.number and fresh.next_update - fresh.this_update == (
+            datetime.timedelta(days=2))
+    finally:
+        store.close()
