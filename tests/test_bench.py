@@ -59,3 +59,17 @@ def test_startup_benchmark_starts_sapid_on_a_store_it_did_not_write():
         "| empty", "| 300 certificates", "| 300 certificates, after kill -9",
         "| 300 certificates + 20 of an earlier sapid, imported once",
         "| 320 certificates, the import done"], done.stdout
+
+
+def test_revocation_benchmark_runs_on_a_small_store():
+    """bench/revocation.py end to end on a small store: every OCSP answer a 200, the CRL
+    holding every revoked certificate (the script checks both), its table printed."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "revocation.py"),
+                           "--certificates", "2000", "--revoked", "200", "--seconds", "0.5",
+                           "--revocations", "10", "--clients", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    assert "| measure | baseline, same run | figure | × baseline |" in done.stdout
+    for row in ("| start to READY=1 |", "| GET /api/crl, building it |",
+                "| POST /api/revoke (p50, p99) |", "| OCSP with nonce"):
+        assert row in done.stdout, done.stdout
