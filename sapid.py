@@ -1500,7 +1500,7 @@ class Store:
                 connection = None
             if connection is None:
                 kept = False
-                connection = self._connections[write] = self._connect(create or write)
+                connection = self._connections[write] = self._connect(create)
             if write:
                 self._check_writable()
             cursor = connection.cursor()
@@ -1556,7 +1556,7 @@ class Store:
                                  " (name) DO UPDATE SET value = excluded.value"), (name, value))
 
     def meta(self, name: str) -> str | None:
-        with self._session() as cursor:
+        with self._session(create=False) as cursor:
             cursor.execute(self._sql("SELECT value FROM sapid_meta WHERE name = ?"), (name,))
             row = cursor.fetchone()
         return row[0] if row else None
@@ -1613,8 +1613,9 @@ class Store:
     def revoke(self, serial: str, reason: str, at: datetime.datetime) -> tuple[Record | None, bool]:
         """Mark ``serial`` revoked at ``at`` for ``reason``, durable on return: its record
         (None when the store has no such serial) and whether this call revoked it (False: it
-        was revoked already, and its first date and reason stand)."""
-        with self._session(write=True) as cursor:
+        was revoked already, and its first date and reason stand).  A store that does not
+        exist yet is not created (``sapid revoke`` as root would make it root's)."""
+        with self._session(write=True, create=False) as cursor:
             cursor.execute(self._sql("UPDATE certificates SET revoked_at = ?, revocation_reason = ?"
                                      " WHERE serial = ? AND revoked_at IS NULL"),
                            (self._instant(at), reason, serial))
@@ -1663,16 +1664,17 @@ class Store:
             return False, None, None
         return True, row[0] and self._from_time(row[0]), row[1]
 
-    def revoked(self, now: datetime.datetime) -> tuple[int, list[tuple]]:
+    def revoked(self, since: datetime.datetime) -> tuple[int, list[tuple]]:
         """The revocation count (as ``revocation_changes``) and every revoked certificate that
-        has not expired, as (serial, revoked_at, reason), read in one transaction: what a CRL
-        lists.  Read through the partial index of revoked certificates, not the whole store."""
+        has not expired before ``since``, as (serial, revoked_at, reason), read in one
+        transaction: what a CRL lists.  Read through the partial index of revoked
+        certificates, not the whole store."""
         with self._session(create=False) as cursor:
             cursor.execute("SELECT changes FROM revocation_changes WHERE id = 1")
             changes = int(cursor.fetchone()[0])
             cursor.execute(self._sql("SELECT serial, revoked_at, revocation_reason FROM"
                                      " certificates WHERE revoked_at IS NOT NULL AND"
-                                     f" {self._unindexed}not_after >= ?"), (self._time(now),))
+                                     f" {self._unindexed}not_after >= ?"), (self._time(since),))
             entries = []
             while rows := cursor.fetchmany(10000):
                 entries += [(serial, self._from_time(at), reason) for serial, at, reason in rows]
@@ -2298,10 +2300,10 @@ class Revocations:
             except StoreError as e:
                 log.error("CRL: %s; serving the one of %s", e, iso_time(crl.this_update))
                 return crl
-            if seen <= crl.changes:
+            if seen == crl.changes:       # not <=: a backup put back counts from lower
                 return crl
         with self._crl_lock:           # one build at a time: who waited takes the one built
-            if self._crl is not crl and self._crl.changes >= seen:
+            if self._crl is not crl and (seen < 0 or self._crl.changes == seen):
                 return self._crl
             try:
                 built = self._build_crl(utcnow())
@@ -2314,7 +2316,9 @@ class Revocations:
             return built
 
     def _build_crl(self, now: datetime.datetime) -> CRL:
-        changes, rows = self._store.revoked(now)
+        # RFC 5280 3.3: an entry stays until a CRL issued after its certificate expired has
+        # listed it; CRLs are built as they are asked for, so it stays a CRL's life longer.
+        changes, rows = self._store.revoked(now - self._crl_life)
         started = time.monotonic()
         # cRLNumber: thisUpdate in microseconds since 1970 (thisUpdate itself is encoded to the
         # second).  No counter is shared: hosts and restarts agree as their clocks do, and in
@@ -2365,7 +2369,7 @@ class Revocations:
         if (name_hash, key_hash) == self._issuer_hash(algorithm) and 0 < serial < 1 << 160:
             try:
                 known, revoked_at, reason = self._store.revocation(serial_hex(serial))
-            except StoreError as e:
+            except (StoreError, ConfigError) as e:
                 log.error("OCSP: %s", e)
                 return OCSP_ERRORS[ocsp.OCSPResponseStatus.TRY_LATER]
         key = (algorithm.name, name_hash, key_hash, serial, known, revoked_at, reason)
@@ -2675,29 +2679,30 @@ class Authority:
                 reason = revocation_reason(asked.get("reason"))
             except ValueError as e:         # JSONDecodeError and UnicodeDecodeError included
                 raise RequestError(400, "bad_request", _one_line(e)) from None
+            if "authorize_revocation" not in self.hooks.custom:
+                # Before the store is read: the answer tells nothing of which serials exist.
+                raise RequestError(403, "not_authorized", "revocation over the API is off: "
+                                   "this CA's hooks have no authorize_revocation (sapid-hooks(5))")
             try:
                 record = self.store.get(serial)
-            except StoreError as e:
+            except (StoreError, ConfigError) as e:     # ConfigError: an unreadable credential
                 log.error("revocation of %s: %s", serial, e)
                 raise RequestError(503, "store_failed", "the CA cannot read its store right "
                                    "now") from None
             if record is None:
                 raise RequestError(404, "not_found", f"this CA issued no certificate with "
                                    f"serial {serial}")
-            if "authorize_revocation" not in self.hooks.custom:
-                raise RequestError(403, "not_authorized", "revocation over the API is off: "
-                                   "this CA's hooks have no authorize_revocation (sapid-hooks(5))")
             answer = self._call("authorize_revocation", self._authorize_revocation, revoking,
                                 record, reason)
             if answer is not True:
-                if answer not in (False, None):
+                if answer is not False and answer is not None:
                     log.error("hook authorize_revocation returned %s: True or False expected; "
                               "refused", type(answer).__name__)
                 raise RequestError(403, "not_authorized", "not authorized to revoke this "
                                    "certificate")
             try:
                 record, revoked = self.store.revoke(serial, reason, utcnow())
-            except StoreError as e:
+            except (StoreError, ConfigError) as e:
                 log.error("revocation of %s: %s", serial, e)
                 raise RequestError(503, "store_failed", "the CA cannot record revocations right "
                                    "now") from None
@@ -2705,8 +2710,9 @@ class Authority:
             audit("revocation_refused", client_id, record and record.subject,
                   record and record.serial, record and record.sha256, e.code, e.message)
             raise
-        audit("revoked" if revoked else "already_revoked", client_id, record.subject,
-              record.serial, record.sha256, revocation_reason=record.revocation_reason)
+        audit("revoked" if revoked else "already_revoked", record.client_id, record.subject,
+              record.serial, record.sha256, revocation_reason=record.revocation_reason,
+              by=f"client {client_id} (POST /api/revoke)")
         return {"serial": record.serial, "status": "revoked",
                 "revoked_at": iso_time(record.revoked_at),
                 "revocation_reason": record.revocation_reason, "already_revoked": not revoked}
@@ -2943,7 +2949,8 @@ def json_response(status: int, document: dict, headers: tuple = ()) -> Response:
 def error_response(error: RequestError) -> Response:
     """The API's JSON error; for an OCSP request, the OCSP error an OCSP client can read
     (RFC 6960 4.2.1), with the same HTTP status."""
-    if error.path is not None and (error.path == "/ocsp" or error.path.startswith("/ocsp/")):
+    path = error.path and error.path.split("?", 1)[0]
+    if path and (path == "/ocsp" or path.startswith("/ocsp/")):
         status = (ocsp.OCSPResponseStatus.TRY_LATER if error.status == 503 else
                   ocsp.OCSPResponseStatus.INTERNAL_ERROR if error.status == 500 else
                   ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
@@ -3434,7 +3441,7 @@ class SigningHandler:
         if path.startswith("/api/crl"):
             try:
                 crl = revocations.crl()
-            except StoreError as e:
+            except (StoreError, ConfigError) as e:
                 log.error("CRL: %s", e)
                 raise RequestError(503, "store_failed", "the CA cannot read its store right "
                                    "now") from None
@@ -3742,6 +3749,8 @@ class SigningServer:
             elif not reader.read_body():
                 return None
         except RequestError as e:
+            if e.path is None and reader.head is not None:
+                e.path = reader.head.path        # a body refused: answered as its path wants
             self._reject(conn, e)
             return None
         head, body = reader.take()
@@ -4485,6 +4494,11 @@ def command_revoke(args) -> int:
         raise ConfigError(str(e)) from None
     store = Store.open(config)
     try:
+        version = store.meta("schema")
+        if version != str(len(MIGRATIONS)):
+            raise SapidError(f"{store.where} is at schema version {version}, this sapid's is "
+                             f"{len(MIGRATIONS)}: restart the daemon (it brings the store "
+                             "forward), then revoke")
         record, revoked = store.revoke(serial, reason, utcnow())
     finally:
         store.close()

@@ -12,8 +12,9 @@ What it does:
 - Every name in a certificate is a DNS name under one of ``ALLOWED_DOMAINS``; a common name,
   if the CSR has one, must be one of those DNS names.
 - Devices in the lab (client ids starting with ``lab``) get certificates for a week only.
-- A device may revoke its own certificates (``POST /api/revoke/<client_id>``), say when its
-  key leaked; the operator revokes any with ``sapid revoke``. Where relying parties find the
+- A device may revoke the certificate it shows nginx as its TLS client certificate
+  (``POST /api/revoke/<client_id>``, with ``trusted_proxy = yes``), say when it is retired;
+  the operator revokes any with ``sapid revoke``. Where relying parties find the
   CRL and the OCSP responder is sapid.conf's ``crl_url`` and ``ocsp_url``.
 - Each issuance is logged with its serial, in the form ``openssl x509 -serial`` prints it,
   so the operator can find it with ``sapid show <SERIAL>``.
@@ -108,9 +109,14 @@ class Hooks(sapid.SigningHooks):
                  certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"))
 
     def authorize_revocation(self, certificate, reason):
-        # A device revokes what was issued to it, while it is enrolled; nothing else.
+        # The client id in the path is a claim; the certificate nginx verified is a proof. A
+        # device revokes the certificate it holds the key of, issued to the id it gives.
         if self.client_id not in ALLOWED_CLIENTS:
             raise sapid.NotAuthorized(f"client {self.client_id} is not enrolled at this CA")
-        if self.record.client_id != self.client_id:
-            raise sapid.NotAuthorized("a client may revoke only its own certificates")
+        shown = self.headers.get("x-ssl-client-serial")
+        if self.headers.get("x-ssl-client-verify") != "SUCCESS" or shown is None:
+            raise sapid.NotAuthorized("show the certificate to revoke as the TLS client "
+                                      "certificate")
+        if int(shown, 16) != certificate.serial_number or self.record.client_id != self.client_id:
+            raise sapid.NotAuthorized("a client may revoke only the certificate it shows")
         return True

@@ -791,7 +791,7 @@ def test_example_hooks(daemon_factory, tmp_path):
     etc.mkdir()
     hooks = write_hooks(etc, source)
     (etc / "clients.allow").write_text("# enrolled devices\nsensor42\nlab7   # bench 3\n")
-    daemon = daemon_factory(hooks=str(hooks))
+    daemon = daemon_factory(hooks=str(hooks), trusted_proxy="yes")
 
     def csr(name, sans=None):
         return make_csr(tmp_path, subject=f"/CN={name}", sans=sans or f"DNS:{name}", name=name)
@@ -828,17 +828,27 @@ def test_example_hooks(daemon_factory, tmp_path):
         assert why in reply["message"], reply
     assert len(issued(daemon)) == count == 2
 
-    # A device revokes its own certificate, not another's, and only while enrolled.
-    def revoke(client, serial):
+    # A device revokes the certificate it shows (as nginx verified it), nothing else.
+    def revoke(client, serial, shown=None, verify="SUCCESS"):
+        headers = {"Content-Type": "application/json"}
+        if shown:
+            headers.update({"X-SSL-Client-Verify": verify, "X-SSL-Client-Serial": shown})
         return daemon.curl(f"/api/revoke/{client}", "POST",
                            json.dumps({"serial": serial, "reason": "keyCompromise"}).encode(),
-                           {"Content-Type": "application/json"})[:2]
+                           headers)[:2]
     lab_serial, = [serial for serial, client in issued(daemon).items() if client == "lab7"]
-    status, reply = revoke("sensor42", lab_serial)
-    assert (status, reply["message"]) == (403, "a client may revoke only its own certificates")
-    status, reply = revoke("intruder", own)
-    assert status == 403 and "not enrolled" in reply["message"]
+    status, reply = revoke("sensor42", lab_serial, shown=own)
+    assert (status, reply["message"]) == (403, "a client may revoke only the certificate it "
+                                                "shows")
     status, reply = revoke("sensor42", own)
+    assert status == 403 and "TLS client certificate" in reply["message"]
+    status, reply = revoke("sensor42", own, shown=own, verify="FAILED:certificate revoked")
+    assert status == 403
+    status, reply = revoke("intruder", own, shown=own)
+    assert status == 403 and "not enrolled" in reply["message"]
+    status, reply = revoke("lab7", own, shown=own)          # its certificate, another's id
+    assert status == 403
+    status, reply = revoke("sensor42", own, shown=own.lstrip("0"))
     assert status == 200 and reply["revocation_reason"] == "keyCompromise", reply
     assert [row["serial"] for row in daemon.stored() if row["revoked_at"]] == [own]
 

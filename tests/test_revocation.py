@@ -10,6 +10,7 @@ import datetime
 import json
 import re
 import socket
+import sqlite3
 import ssl
 import subprocess
 import threading
@@ -23,7 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 import sapid
-from conftest import SAPID, make_csr, make_identity, run, sapid_env, write_hooks
+from conftest import (SAPID, make_csr, make_identity, open_local_authority, run, sapid_env,
+                      write_hooks)
 
 # Clients may revoke the certificates issued to their own client id; "raises" is told why not.
 REVOKING_HOOKS = """
@@ -38,17 +40,18 @@ class Hooks(sapid.SigningHooks):
         return self.record.client_id == self.client_id and certificate.serial_number > 0
 """
 
-# Certificates for client "old" are expired when issued.
+# Certificates for clients "old" and "ancient" are expired when issued: a day, ten days ago.
 EXPIRED_HOOKS = """
 import datetime
 import sapid
 
 class Hooks(sapid.SigningHooks):
     def presign(self, draft):
-        if self.client_id == "old":
+        ago = {"old": 1, "ancient": 10}.get(self.client_id)
+        if ago:
             now = datetime.datetime.now(datetime.timezone.utc)
-            draft.not_valid_before = now - datetime.timedelta(days=3)
-            draft.not_valid_after = now - datetime.timedelta(days=1)
+            draft.not_valid_before = now - datetime.timedelta(days=ago + 2)
+            draft.not_valid_after = now - datetime.timedelta(days=ago)
 """
 
 
@@ -254,15 +257,19 @@ def test_the_crl_is_cached_until_a_revocation(site):
 
 
 def test_expired_certificates_leave_the_crl(site, tmp_path):
+    """RFC 5280 3.3: an entry stays until a CRL issued after the certificate expired has
+    listed it: for crl_days (7) after the expiry, then it leaves."""
     web = site(hooks=write_hooks(tmp_path, EXPIRED_HOOKS))
-    old, old_serial = web.sign("old", "old")
+    ancient, ancient_serial = web.sign("ancient", "ancient")
+    _, old_serial = web.sign("old", "old")
     _, live_serial = web.sign("device1", "live")
-    for serial in (old_serial, live_serial):
+    for serial in (ancient_serial, old_serial, live_serial):
         assert web.revoke(serial, "--reason", "superseded").returncode == 0
     crl, _ = web.crl()
-    assert [entry.serial_number for entry in crl] == [int(live_serial, 16)]
-    # OCSP still tells the truth about the expired one.
-    assert "Cert Status: revoked" in web.ocsp("-issuer", str(ca_of(web)), "-cert", str(old))
+    assert sorted(entry.serial_number for entry in crl) == sorted(
+        int(serial, 16) for serial in (old_serial, live_serial))
+    # OCSP still tells the truth about the one gone from the CRL.
+    assert "Cert Status: revoked" in web.ocsp("-issuer", str(ca_of(web)), "-cert", str(ancient))
 
 
 def test_crl_url_and_ocsp_url_go_into_certificates(site):
@@ -432,6 +439,13 @@ def test_ocsp_bad_input_gets_ocsp_errors(site):
     assert (status, media) == (415, "application/ocsp-response")
     status, answer, media = web.web("/ocsp", "PUT", b"x")
     assert (status, media) == (405, "application/ocsp-response")
+    status, answer, media = web.web("/ocsp?x=1", "POST", b"x", {"Content-Type": "text/html"})
+    assert (status, media) == (415, "application/ocsp-response")
+    status, answer, media = web.web("/ocsp", "POST", b"\0" * 200_000,
+                                    {"Content-Type": "application/ocsp-request",
+                                     "Transfer-Encoding": "chunked"})
+    assert (status, media) == (413, "application/ocsp-response")
+    assert ocsp.load_der_ocsp_response(answer).response_status == malformed
     # The daemon is fine afterwards.
     assert f"{cert}: good" in web.ocsp("-issuer", str(ca), "-cert", str(cert))
 
@@ -473,6 +487,15 @@ def test_sapid_revoke_on_the_command_line(site):
     audits = [line for line in (first.stderr + second.stderr).splitlines() if "audit" in line]
     assert len(audits) == 2 and 'outcome=revoked client_id="device1"' in audits[0], audits
     assert "outcome=already_revoked" in audits[1] and 'by="' in audits[1]
+
+
+def test_sapid_revoke_without_a_store_creates_none(tmp_path, identities):
+    config = tmp_path / "sapid.conf"
+    config.write_text(f"[sapid]\nidentity = {identities('p256')}\nstate = {tmp_path / 'state'}\n"
+                      "hooks =\n")
+    done = run([*SAPID, "revoke", "-c", str(config), "0A"], env=sapid_env(), check=False)
+    assert done.returncode == 1 and "no store here yet" in done.stderr, done.stderr
+    assert not (tmp_path / "state").exists()
 
 
 def test_revocation_over_the_api(site, tmp_path):
@@ -537,6 +560,9 @@ def test_the_built_in_hooks_refuse_api_revocations(site):
     reply = json.loads(body)
     assert (status, reply["error"]) == (403, "not_authorized"), reply
     assert "authorize_revocation" in reply["message"]
+    # An unknown serial gets the same answer: it tells nothing of which serials exist.
+    status, body, _ = web.web("/api/revoke/device1", "POST", b'{"serial": "0BADBEEF"}')
+    assert status == 403, body
     assert f"{cert}: good" in web.ocsp("-issuer", str(ca_of(web)), "-cert", str(cert))
     assert 'outcome=revocation_refused client_id="device1"' in web.daemon.output()
 
@@ -782,3 +808,28 @@ def test_a_crl_is_built_again_once_half_its_life_is_gone(identities, tmp_path):
             datetime.timedelta(days=2))
     finally:
         store.close()
+
+
+def test_a_store_put_back_from_a_backup_still_shows_new_revocations(identities, tmp_path):
+    """The revocation count of a store restored from a backup is lower than the one the CRL
+    was built at: a count that differs, not only a higher one, means the CRL is out of date."""
+    authority, close = open_local_authority(identities("p256"), tmp_path)
+    store = sapid.SQLiteStore(str(tmp_path / "sapid.db"))
+    try:
+        authority = sapid.Authority(authority.config, authority.identity, sapid.BUILTIN_HOOKS,
+                                    authority.committer, sapid.HookRunner(1), store)
+        serials = []
+        for n in range(3):
+            csr = make_csr(tmp_path, name=f"b{n}").read_bytes()
+            issued = authority.wait(authority.issue(sapid.Signing(csr, "device1")))
+            serials.append(issued.serial)
+        for serial in serials[:2]:
+            store.revoke(serial, "unspecified", sapid.utcnow())
+        assert authority.revocations.crl().entries == 2
+        with sqlite3.connect(tmp_path / "sapid.db") as connection:    # the backup's count
+            connection.execute("UPDATE revocation_changes SET changes = 0")
+        store.revoke(serials[2], "unspecified", sapid.utcnow())
+        assert authority.revocations.crl().entries == 3
+    finally:
+        store.close()
+        close()
