@@ -52,10 +52,24 @@ import sys
 import threading
 import time
 import traceback
+import types
 import urllib.parse
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+
+import cryptography
+
+# The first release that releases the GIL while signing, and has every name used below. An
+# older one (Debian 12's python3-cryptography is 38) would fail on one of those names with a
+# traceback; the one line here is for whoever runs sapid, so it ends the program at import.
+CRYPTOGRAPHY_NEEDED = 47
+if int(cryptography.__version__.split(".")[0]) < CRYPTOGRAPHY_NEEDED:
+    raise SystemExit(f"sapid: error: cryptography {cryptography.__version__} (from "
+                     f"{os.path.dirname(cryptography.__file__)}) is too old: sapid needs "
+                     f"{CRYPTOGRAPHY_NEEDED} or newer; install sapid in a virtual environment "
+                     "(python3 -m venv /opt/sapid && /opt/sapid/bin/pip install .) and run "
+                     "its bin/sapid")
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -832,10 +846,13 @@ class SigningHooks:
     """
 
     def __init__(self, client_hash=None, public_key_hash=None, csr_tuple=None):
-        # ssl_api's factory call shape: (client_hash, public_key_hash, (pem, csr, csr)).
+        # ssl_api's factory call shape: (client_hash, public_key_hash, CsrTuple(csr_m, csr_o,
+        # csr_pem)); sapid passes its CSR as csr_m and csr_o.
         self.client_id = client_hash
         self.public_key_hash = public_key_hash
-        self.csr_pem, self.csr = (csr_tuple or (None, None))[:2]
+        self._csr_tuple = csr_tuple
+        self.csr, self.csr_pem = (csr_tuple.csr_m, csr_tuple.csr_pem) if csr_tuple else (
+            None, None)
         self.peer = None
         self.headers = Headers({})
 
@@ -945,7 +962,7 @@ class HookSet:
     custom: frozenset
 
     def new(self, client_id, public_key_hash, csr, csr_pem):
-        instance = self.factory(client_id, public_key_hash, (csr_pem, csr, csr))
+        instance = self.factory(client_id, public_key_hash, CsrTuple(csr, csr, csr_pem))
         if not isinstance(instance, SigningHooks):
             raise HookError(f"the hooks factory returned {type(instance).__name__}, "
                             "not a sapid.SigningHooks")
@@ -976,28 +993,325 @@ def normalize_serial(value) -> int:
     return value
 
 
-_hook_loads = 0
+# ssl_api's names, for its hooks to run unchanged ---------------------------------------------
+
+SSL_API_SAN_LABELS = {x509.DNSName: "DNS", x509.IPAddress: "IP Address", x509.RFC822Name: "email",
+                      x509.UniformResourceIdentifier: "URI"}
+CsrTuple = collections.namedtuple("CsrTuple", ["csr_m", "csr_o", "csr_pem"])
+
+
+class SigningHooksBase(SigningHooks):
+    """ssl_api's ``sapi.config.api.signing_hooks_base.SigningHooksBase``, for hooks written
+    against it: ``authorize`` gets ssl_api's lists (see ``ssl_api_names``), ``presign`` and
+    ``postsign`` a small M2Crypto-like certificate (``M2Certificate``), ``csr_tuple`` has
+    ``csr_pem``.  Its authorize signs for the configured validity, as ssl_api's one year."""
+
+    ssl_api_shapes = True
+
+    def authorize(self, subject_alt_name_exts):
+        """None: the configured validity (ssl_api's default was a year)."""
+        return None
+
+    def presign(self, certificate):
+        """An M2Certificate over the draft, before signing."""
+
+    def postsign(self, signed_certificate):
+        """An M2Certificate over the signed certificate."""
+
+    @property
+    def public_key_hash(self):
+        return self._public_key_hash
+
+    @public_key_hash.setter
+    def public_key_hash(self, value):
+        self._public_key_hash = value
+
+    @property
+    def csr_tuple(self):
+        return self._csr_tuple
+
+
+def ssl_api_names(names) -> list:
+    """ssl_api's ``authorize`` argument: each subjectAltName extension as openssl prints it,
+    split into [type, value] pairs: [[['DNS', 'a.example'], ['IP Address', '10.0.0.1']]]."""
+    if not names:
+        return []
+    return [[[SSL_API_SAN_LABELS[type(name)], str(name.value)] for name in names]]
+
+
+class M2Extension:
+    """What ``M2Crypto.X509.new_extension(name, value, critical)`` made."""
+
+    def __init__(self, name: str, value: str, critical: int = 0):
+        self.name, self.value, self.critical = name, value, critical
+
+    def get_name(self) -> str:
+        return self.name
+
+    def get_value(self) -> str:
+        return self.value
+
+    def get_critical(self) -> int:
+        return self.critical
+
+    def set_critical(self, critical: int = 1) -> None:
+        self.critical = critical
+
+
+# M2Crypto's names of the calls sapid's certificate stand-in has no answer for, with what to
+# write instead.
+M2_EQUIVALENTS = {
+    "set_subject": "draft.subject = x509.Name(...)",
+    "set_issuer": "nothing: the issuer is the CA's subject",
+    "set_pubkey": "nothing: the key is the CSR's",
+    "set_not_before": "draft.not_valid_before = datetime",
+    "set_not_after": "draft.not_valid_after = datetime, or return a timedelta from authorize",
+    "sign": "nothing: sapid signs after presign",
+}
+
+
+class M2Certificate:
+    """The M2Crypto.X509.X509 calls ssl_api's README names, over the sapid.Draft that presign
+    edits or the certificate postsign sees: add_ext, set_version, get_version,
+    get_serial_number, set_serial_number, get_subject, get_issuer, get_fingerprint, as_pem,
+    as_der.  Any other call fails with its name and what to write in sapid instead."""
+
+    def __init__(self, draft: Draft | None = None, certificate: x509.Certificate | None = None):
+        self._draft, self._certificate = draft, certificate
+
+    def add_ext(self, extension) -> int:
+        if self._draft is None:
+            raise HookError("M2Crypto X509.add_ext in postsign: the certificate is signed "
+                            "already; add extensions in presign")
+        self._draft.add_extension(openssl_extension(extension.get_name(), extension.get_value()),
+                                  bool(extension.get_critical()))
+        return 1
+
+    def set_version(self, version: int) -> int:
+        if version != 2:
+            raise HookError(f"M2Crypto X509.set_version({version}): sapid issues X.509 v3 "
+                            "(version 2) only")
+        return 1
+
+    def get_version(self) -> int:
+        return 2
+
+    def get_serial_number(self) -> int:
+        return (self._draft.serial_number if self._draft is not None
+                else self._certificate.serial_number)
+
+    def set_serial_number(self, serial: int) -> int:
+        if self._draft is None:
+            raise HookError("M2Crypto X509.set_serial_number in postsign: set it in presign")
+        self._draft.serial_number = serial
+        return 1
+
+    def get_subject(self) -> M2Name:
+        return M2Name(self._draft.subject if self._draft is not None
+                      else self._certificate.subject)
+
+    def get_issuer(self) -> M2Name:
+        if self._certificate is None:
+            raise HookError("M2Crypto X509.get_issuer in presign: the issuer is the CA's "
+                            "subject, authority.certificate.subject in boot")
+        return M2Name(self._certificate.issuer)
+
+    def _signed(self, call: str) -> x509.Certificate:
+        if self._certificate is None:
+            raise HookError(f"M2Crypto X509.{call} in presign: the certificate is not signed "
+                            "yet; call it in postsign")
+        return self._certificate
+
+    def get_fingerprint(self, md: str = "md5") -> str:
+        algorithm = {"md5": hashes.MD5, "sha1": hashes.SHA1, "sha256": hashes.SHA256,
+                     "sha384": hashes.SHA384, "sha512": hashes.SHA512}.get(md)
+        if algorithm is None:
+            raise HookError(f"M2Crypto X509.get_fingerprint({md!r}): md5, sha1 or sha2 names")
+        return self._signed("get_fingerprint").fingerprint(algorithm()).hex().upper()
+
+    def as_pem(self) -> bytes:
+        return self._signed("as_pem").public_bytes(serialization.Encoding.PEM)
+
+    def as_der(self) -> bytes:
+        return self._signed("as_der").public_bytes(serialization.Encoding.DER)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        instead = M2_EQUIVALENTS.get(name, "derive the hooks class from sapid.SigningHooks: "
+                                     "presign then gets a sapid.Draft, postsign an "
+                                     "x509.Certificate")
+        raise HookError(f"M2Crypto X509.{name} is not one of the calls sapid provides to "
+                        f"ssl_api hooks; in sapid: {instead}")
+
+
+class M2Name:
+    """An M2Crypto.X509.X509_Name: ``as_text()`` and attributes by short name (``.CN``)."""
+
+    _short = {oid: short for short, oid in NAME_FIELDS.items()}
+
+    def __init__(self, name: x509.Name):
+        self._name = name
+
+    def as_text(self) -> str:
+        return ", ".join(f"{self._short.get(a.oid, a.oid.dotted_string)}={a.value}"
+                         for a in self._name)
+
+    def __str__(self) -> str:
+        return "".join(f"/{self._short.get(a.oid, a.oid.dotted_string)}={a.value}"
+                       for a in self._name)
+
+    def __getattr__(self, short: str):
+        oid = NAME_FIELDS.get(short)
+        if oid is None:
+            raise AttributeError(short)
+        found = self._name.get_attributes_for_oid(oid)
+        return found[0].value if found else None
+
+
+def openssl_extension(name: str, value: str) -> x509.ExtensionType:
+    """The extension an openssl-style ``new_extension(name, value)`` meant, for the names
+    ssl_api hooks used; HookError for the rest, naming what to write instead."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    try:
+        if name == "subjectAltName":
+            return x509.SubjectAlternativeName([_openssl_general_name(item) for item in items])
+        if name == "crlDistributionPoints":
+            return x509.CRLDistributionPoints([x509.DistributionPoint(
+                [_openssl_general_name(item)], None, None, None) for item in items])
+        if name == "authorityInfoAccess":
+            methods = {"OCSP": AuthorityInformationAccessOID.OCSP,
+                       "caIssuers": AuthorityInformationAccessOID.CA_ISSUERS}
+            return x509.AuthorityInformationAccess([x509.AccessDescription(
+                methods[method], _openssl_general_name(where))
+                for method, _, where in (item.partition(";") for item in items)])
+        if name == "extendedKeyUsage":
+            usages = {"serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
+                      "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH,
+                      "codeSigning": ExtendedKeyUsageOID.CODE_SIGNING,
+                      "emailProtection": ExtendedKeyUsageOID.EMAIL_PROTECTION,
+                      "timeStamping": ExtendedKeyUsageOID.TIME_STAMPING,
+                      "OCSPSigning": ExtendedKeyUsageOID.OCSP_SIGNING}
+            return x509.ExtendedKeyUsage([usages[item] for item in items])
+        if name == "keyUsage":
+            flags = {"digitalSignature": "digital_signature",
+                     "nonRepudiation": "content_commitment",
+                     "keyEncipherment": "key_encipherment",
+                     "dataEncipherment": "data_encipherment", "keyAgreement": "key_agreement"}
+            chosen = {flags[item] for item in items}
+            return x509.KeyUsage(**{flag: flag in chosen for flag in flags.values()},
+                                 key_cert_sign=False, crl_sign=False, encipher_only=False,
+                                 decipher_only=False)
+        if name == "basicConstraints" and value.replace(" ", "").upper() == "CA:FALSE":
+            return x509.BasicConstraints(ca=False, path_length=None)
+        if name == "nsComment":
+            return x509.UnrecognizedExtension(x509.ObjectIdentifier("2.16.840.1.113730.1.13"),
+                                              _der(0x16, value.encode("ascii")))
+    except (KeyError, ValueError, UnicodeError) as e:
+        raise HookError(f"M2Crypto new_extension({name!r}, {value!r}): {_one_line(e)} is not "
+                        "understood") from None
+    raise HookError(f"M2Crypto new_extension({name!r}, ...) is not one sapid translates "
+                    "(subjectAltName, crlDistributionPoints, authorityInfoAccess, "
+                    "extendedKeyUsage, keyUsage, basicConstraints CA:FALSE, nsComment); in "
+                    "sapid: draft.add_extension(<a cryptography x509 extension>, critical)")
+
+
+def _openssl_general_name(item: str) -> x509.GeneralName:
+    kind, _, value = item.partition(":")
+    kinds = {"DNS": x509.DNSName, "URI": x509.UniformResourceIdentifier,
+             "email": x509.RFC822Name}
+    if kind in ("IP", "IP Address"):
+        return x509.IPAddress(ipaddress.ip_address(value))
+    return kinds[kind](value)
+
+
+def install_ssl_api_names() -> None:
+    """Make importable what ssl_api hooks packages import: ``sapi.exceptions`` (its
+    CsrNotAuthedError refuses with 403, as NotAuthorized), ``sapi.config.api.
+    signing_hooks_base`` and, unless the real M2Crypto is installed, ``M2Crypto.X509`` with
+    ``new_extension``.  No package named sapi is installed: these live in this process only."""
+    if "sapi.config.api.signing_hooks_base" in sys.modules:
+        return
+
+    def module(name: str, package: bool = False, **names) -> types.ModuleType:
+        made = types.ModuleType(name, f"ssl_api's {name}, as sapid provides it to its hooks")
+        if package:
+            made.__path__ = []
+        made.__dict__.update(names)
+        sys.modules[name] = made
+        return made
+
+    class SapiException(Exception):
+        pass
+
+    class ApiException(SapiException):
+        pass
+
+    class ApiError(ApiException):
+        pass
+
+    class CsrNotAuthedError(ApiError, NotAuthorized):
+        pass
+
+    class CaUpdateCancelledException(SapiException):
+        pass
+
+    exceptions = module("sapi.exceptions", SapiException=SapiException,
+                        ApiException=ApiException, ApiError=ApiError,
+                        CsrNotAuthedError=CsrNotAuthedError,
+                        CaUpdateCancelledException=CaUpdateCancelledException)
+    base = module("sapi.config.api.signing_hooks_base", SigningHooksBase=SigningHooksBase)
+    api = module("sapi.config.api", True, signing_hooks_base=base)
+    config = module("sapi.config", True, api=api)
+    module("sapi", True, exceptions=exceptions, config=config)
+    if importlib.util.find_spec("M2Crypto") is None:
+        m2_x509 = module("M2Crypto.X509", new_extension=M2Extension, X509_Extension=M2Extension)
+        module("M2Crypto", True, X509=m2_x509)
+
+
+# The hooks' module name: ``logging.getLogger(__name__)`` in a hooks file is a child of sapid's
+# logger, so its lines go through sapid's handler, with sapid's prefix and level.
+HOOKS_MODULE = "sapid.hooks"
+# An ssl_api hooks package: sapi_custom_ca/ with ca.py (CUSTOM_BOOT_CB, SERIAL_NUMBER_GENERATOR_CB)
+# and api.py (API_CSR_HOOKS_FACTORY), loaded in the order ssl_api imported them.
+SSL_API_PACKAGE = "sapi_custom_ca"
+SSL_API_FILES = ("ca.py", "api.py")
 
 
 def load_hooks(path: str | None, strict: bool = True) -> HookSet:
-    """Load an operator's hooks file; ConfigError names the file and line of what is wrong."""
-    global _hook_loads
+    """Load an operator's hooks file, or an ssl_api ``sapi_custom_ca`` package (a folder);
+    ConfigError names the file and line of what is wrong."""
     if path is None:
         return BUILTIN_HOOKS
     _check_trusted_file(path, strict)
+    if os.path.isdir(path):
+        return _load_ssl_api_package(path, strict)
+    tree = _parse_hooks(path)
+    previous = sys.modules.get(HOOKS_MODULE)
+    try:
+        module = _exec_hooks(HOOKS_MODULE, path)
+    except ConfigError:
+        _restore_module(HOOKS_MODULE, previous)
+        raise
+    return _hook_set(vars(module), path, _locations(tree, path), _used_names(tree))
+
+
+def _parse_hooks(path: str) -> ast.Module:
     try:
         with open(path, "rb") as file:
             source = file.read()
-        tree = ast.parse(source, path)
+        return ast.parse(source, path)
     except SyntaxError as e:
         raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: {_one_line(e)}") from None
-    lines = _definition_lines(tree)
-    used = _used_names(tree)
-    _hook_loads += 1
-    name = f"sapid_hooks_{_hook_loads}"
-    spec = importlib.util.spec_from_file_location(name, path)
+
+
+def _exec_hooks(name: str, path: str, package: list | None = None) -> types.ModuleType:
+    """Run the operator's file ``path`` as module ``name`` (a package when ``package`` lists
+    its folder), registered in sys.modules as imports and dataclasses expect."""
+    spec = importlib.util.spec_from_file_location(name, path,
+                                                  submodule_search_locations=package)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
@@ -1009,8 +1323,59 @@ def load_hooks(path: str | None, strict: bool = True) -> HookSet:
                           ) from None
     finally:
         sys.dont_write_bytecode = writes_bytecode
-        sys.modules.pop(f"sapid_hooks_{_hook_loads - 1}", None)
-    return _hook_set(module, path, lines, used)
+    return module
+
+
+def _restore_module(name: str, previous) -> None:
+    """After a failed reload, the module in force stays the one sys.modules names."""
+    if previous is not None:
+        sys.modules[name] = previous
+
+
+def _locations(tree: ast.Module, path: str) -> dict:
+    """'file:line' of each name the file defines (see _definition_lines)."""
+    return {name: f"{path}:{line}" for name, line in _definition_lines(tree).items()}
+
+
+def _load_ssl_api_package(folder: str, strict: bool) -> HookSet:
+    """An unmodified ssl_api ``sapi_custom_ca`` package: its ``ca.py`` and ``api.py`` run as
+    submodules of one package, with ssl_api's ``sapi`` names (and, without the real one, a
+    small M2Crypto) to import."""
+    files = [os.path.join(folder, name) for name in SSL_API_FILES
+             if os.path.exists(os.path.join(folder, name))]
+    if not files:
+        raise ConfigError(f"{folder}: a hooks folder is an ssl_api {SSL_API_PACKAGE} package, "
+                          f"with {' and/or '.join(SSL_API_FILES)}; none is here")
+    init = os.path.join(folder, "__init__.py")
+    for path in [init, *files] if os.path.exists(init) else files:
+        _check_trusted_file(path, strict)
+    trees = {path: _parse_hooks(path) for path in files}
+    install_ssl_api_names()
+    names = [HOOKS_MODULE, SSL_API_PACKAGE] + [
+        f"{prefix}.{os.path.basename(path)[:-3]}" for path in files
+        for prefix in (HOOKS_MODULE, SSL_API_PACKAGE)]
+    previous = {name: sys.modules.get(name) for name in names}
+    values, locations, used = {}, {}, set()
+    try:
+        if os.path.exists(init):
+            package = _exec_hooks(HOOKS_MODULE, init, [folder])
+        else:
+            package = sys.modules[HOOKS_MODULE] = types.ModuleType(HOOKS_MODULE)
+            package.__path__ = [folder]
+        sys.modules[SSL_API_PACKAGE] = package     # its files may import their package by name
+        for path in files:
+            stem = os.path.basename(path)[:-3]
+            module = _exec_hooks(f"{HOOKS_MODULE}.{stem}", path)
+            sys.modules[f"{SSL_API_PACKAGE}.{stem}"] = module
+            setattr(package, stem, module)
+            values.update(vars(module))
+            locations.update(_locations(trees[path], path))
+            used |= _used_names(trees[path])
+    except ConfigError:
+        for name, module in previous.items():
+            _restore_module(name, module)
+        raise
+    return _hook_set(values, folder, locations, used)
 
 
 def _check_trusted_file(path: str, strict: bool, writable_ok: bool = False) -> os.stat_result:
@@ -1088,15 +1453,16 @@ def _check_arity(function, count: int, what: str, where: str) -> None:
         pass  # builtins without a signature: trust them
 
 
-def _hook_set(module, path: str, lines: dict, used=frozenset()) -> HookSet:
-    where = lambda name: f"{path}:{lines.get(name, '?')}"  # noqa: E731
-    for name, value in vars(module).items():
+def _hook_set(values: dict, path: str, lines: dict, used=frozenset()) -> HookSet:
+    """The HookSet of a loaded file's (or package's) ``values``; ``lines`` holds 'file:line'
+    of each name it defines."""
+    where = lambda name: lines.get(name, f"{path}:?")  # noqa: E731
+    for name, value in values.items():
         # A hook is a callable the file defines and leaves for sapid to call: a constant, or a
         # class or function the file itself uses (an ssl_api factory's class), is a helper.
         if name in lines and name not in used and callable(value) and (
                 near := _near_miss(name, KNOWN_TOP_LEVEL)):
             raise ConfigError(f"{where(name)}: {name!r} is not a hook name; did you mean {near!r}?")
-    values = vars(module)
     custom = set()
     factory = SigningHooks
     hooks_class = values.get("Hooks")
@@ -2646,7 +3012,10 @@ class Authority:
         audit("issued", client_id, subject, issued.serial, issued.fingerprint)
         if "postsign" in self.hooks.custom:
             try:
-                self._call("postsign", pending.hooks.postsign, issued.certificate)
+                certificate = issued.certificate
+                if getattr(pending.hooks, "ssl_api_shapes", False):
+                    certificate = M2Certificate(certificate=certificate)
+                self._call("postsign", pending.hooks.postsign, certificate)
             except RequestError as e:
                 audit("withheld", client_id, subject, issued.serial, issued.fingerprint, e.code,
                       e.message)
@@ -2743,9 +3112,11 @@ class Authority:
         custom = self.hooks.custom
         instance = self._hooks_instance(signing, checked) if custom else None
         validity = self._validity
+        ssl_api = getattr(instance, "ssl_api_shapes", False)
         if "authorize" in custom:
+            names = list(checked.subject_alt_names)
             try:
-                answer = instance.authorize(list(checked.subject_alt_names))
+                answer = instance.authorize(ssl_api_names(names) if ssl_api else names)
             except NotAuthorized as e:
                 raise RequestError(403, "not_authorized", str(e) or "not authorized") from None
             if answer is False:
@@ -2759,7 +3130,7 @@ class Authority:
                                 "or False expected")
         draft = self.draft(checked, validity)
         if "presign" in custom:
-            instance.presign(draft)
+            instance.presign(M2Certificate(draft=draft) if ssl_api else draft)
         return instance, draft
 
     def _hooks_instance(self, signing: Signing, checked: CheckedCSR) -> SigningHooks:
@@ -4016,6 +4387,7 @@ class Daemon:
         self._watchdog_interval = None
         self._next_watchdog = self._next_status = 0.0
         self._status = None
+        self._reload_failed = None     # when the last reload failed, until one succeeds
         self.server = None
         self.workers = {}          # pid -> slot, in the supervising process
         self.stopping = False
@@ -4025,6 +4397,10 @@ class Daemon:
         return dataclasses.replace(config, socket=self.socket_path) if self.socket_path else config
 
     def run(self) -> int:
+        # A hook's print() reaches the journal line by line, not when a block buffer fills.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(line_buffering=True)
         config = self._config()
         disable_core_dumps()
         self._passphrase = read_passphrase()
@@ -4193,7 +4569,10 @@ class Daemon:
             with contextlib.suppress(StoreError):
                 self.store.count()
             self.store.close()    # the supervisor forks again: no connection across a fork
-        return f"serving on {self.where}{workers}, {self.store.known} certificates in the store"
+        failed = (f"reload failed at {self._reload_failed}, serving with the previous setup "
+                  if self._reload_failed else "serving ")
+        return f"{failed}on {self.where}{workers}, {_count(self.store.known, 'certificate')} in " \
+            "the store"
 
     def handle_hup(self) -> None:
         """Reload config, identity and hooks; on any error keep serving with the old ones."""
@@ -4215,8 +4594,10 @@ class Daemon:
             for pid in self.workers:         # each worker reloads the same files itself
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGHUP)
+            self._reload_failed = None
         except SapidError as e:
             log.error("reload failed, still serving with the previous setup: %s", e)
+            self._reload_failed = time.strftime("%H:%M")
         self._status = None
         sd_notify(f"READY=1\nSTATUS={self._status_text()}")
 
@@ -4229,6 +4610,10 @@ class Daemon:
         for pid in self.workers:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
 def _wait_text(status: int) -> str:
@@ -4439,7 +4824,7 @@ def command_check(args) -> int:
     store = Store.open(config)
     try:
         if config.store or os.path.exists(store.where):
-            held = f"{store.count()} certificates"
+            held = _count(store.count(), "certificate")
         elif os.path.exists(config.state) and not os.access(config.state, os.W_OK):
             raise ConfigError(f"{config.state}: the state folder is not writable")
         else:
@@ -4596,6 +4981,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="the record as JSON, PEM included")
     show.set_defaults(run=command_show)
     return parser
+
+
+def ca_create_identity(argv=None) -> int:
+    """ssl_api's ``ca_create_identity -f FIELD VALUE ... [-v YEARS]``: ``sapid init``."""
+    return main(["init", *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import sapid
-from conftest import SAPID, make_csr, openssl_verify, run, sapid_env, stored, write_hooks
+from conftest import ROOT, SAPID, make_csr, openssl_verify, run, sapid_env, stored, write_hooks
 
 SOURCES = ("CREDENTIALS_DIRECTORY", "CA_PASSPHRASE", "terminal", "systemd-ask-password")
 
@@ -383,3 +383,20 @@ def test_help_lists_the_commands():
     assert done.returncode == 0
     for command in ("init", "serve", "sign", "check"):
         assert command in done.stdout
+
+
+def test_an_old_cryptography_gets_one_line(tmp_path):
+    """Debian 12's own python3 has cryptography 38 (.ci/run installs it): ./sapid under it
+    says which version it found and what it needs, in one line, with no traceback."""
+    import subprocess
+    python = "/usr/bin/python3"
+    version = subprocess.run([python, "-c", "import cryptography; print(cryptography.__version__)"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert int(version.split(".")[0]) < 47, version
+    done = subprocess.run([python, str(ROOT / "sapid"), "check"], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stderr == (f"sapid: error: cryptography {version} (from "
+                           "/usr/lib/python3/dist-packages/cryptography) is too old: sapid needs "
+                           "47 or newer; install sapid in a virtual environment (python3 -m venv "
+                           "/opt/sapid && /opt/sapid/bin/pip install .) and run its bin/sapid\n")

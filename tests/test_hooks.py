@@ -726,7 +726,9 @@ def test_ssl_api_names(daemon_factory, tmp_path):
                 self.given = (client_hash, public_key_hash, csr_tuple)
 
             def authorize(self, subject_alt_names):
-                client_hash, key_hash, (pem, csr, _) = self.given
+                # ssl_api's CsrTuple(csr_m, csr_o, csr_pem), in the order its code made it.
+                client_hash, key_hash, (csr, _, pem) = self.given
+                assert pem is self.given[2].csr_pem
                 if client_hash == "stranger":
                     raise sapid.NotAuthorized(
                         f"{client_hash} {key_hash} {csr.subject.rfc4514_string()} "

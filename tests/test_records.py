@@ -332,7 +332,7 @@ def test_a_reload_keeps_the_store_until_a_restart(daemon, tmp_path):
 def test_check_reports_the_store(daemon, tmp_path):
     assert daemon.sign(make_csr(tmp_path), "one")[0] == 200
     done = sapid_cli("check", "-c", daemon.config)
-    assert done.stdout.strip().endswith(f"store {daemon.state / 'sapid.db'} (1 certificates)")
+    assert done.stdout.strip().endswith(f"store {daemon.state / 'sapid.db'} (1 certificate)")
     fresh = Path(tmp_path / "fresh.conf")
     fresh.write_text(daemon.config.read_text().replace(f"state = {daemon.state}",
                                                        f"state = {tmp_path / 'new'}"))

@@ -154,7 +154,7 @@ def test_status_counts_certificates(daemon, tmp_path):
     daemon.sign(make_csr(tmp_path))
     daemon.process.send_signal(signal.SIGHUP)
     message = daemon.wait_for("READY=1")
-    assert "STATUS=serving on" in message and "1 certificates in the store" in message
+    assert "STATUS=serving on" in message and "1 certificate in the store" in message
 
 
 REFUSING = """
@@ -176,15 +176,18 @@ def test_sighup_reloads_hooks_and_keeps_old_on_error(daemon_factory, tmp_path):
     assert (status, reply.get("message")) == (403, "closed for the night")
     write_hooks(tmp_path, "import sapid\nclass Hooks(sapid.SigningHooks:\n")   # syntax error
     daemon.process.send_signal(signal.SIGHUP)
-    daemon.wait_for("READY=1")
+    failed = daemon.wait_for("READY=1")
     assert f"{hooks}:2: syntax error" in daemon.output()
+    # systemctl status says so, until a reload succeeds.
+    assert re.search(r"^STATUS=reload failed at \d\d:\d\d, serving with the previous setup on ",
+                     failed, re.M), failed
     status, reply = daemon.sign(make_csr(tmp_path))
     assert (status, reply.get("message")) == (403, "closed for the night")   # old hooks kept
     # A config change is taken too: validity_days.
     daemon.config.write_text(daemon.config.read_text() + "validity_days = 2\n")
     write_hooks(tmp_path, "import sapid\n")
     daemon.process.send_signal(signal.SIGHUP)
-    daemon.wait_for("READY=1")
+    assert "STATUS=serving on " in daemon.wait_for("READY=1")
     status, reply = daemon.sign(make_csr(tmp_path))
     assert status == 200 and reply["not_after"][:10] != reply["not_before"][:10]
     from cryptography import x509
