@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import bisect
 import collections
 import configparser
 import contextlib
@@ -2286,8 +2287,8 @@ class Committer:
     none waits longer than one commit for another's.  After each batch ``fileno()`` becomes
     readable, for a loop that polls; ``wait`` returns, for a thread that blocks."""
 
-    def __init__(self, store: Store):
-        self.store = store
+    def __init__(self, store: Store, metrics: Metrics | None = None):
+        self.store, self._metrics = store, metrics
         self._start()
 
     def _start(self) -> None:
@@ -2374,6 +2375,7 @@ class Committer:
                     return
                 batch, self._queue, self._busy = self._queue, [], True
             taken, error = set(), None
+            started = time.monotonic()
             try:
                 taken = self.store.add([ticket.record for ticket in batch])
             except Exception as e:  # noqa: BLE001 -- any failure is store_failed, never a hang
@@ -2381,6 +2383,8 @@ class Committer:
                     f"{self.store.where}: {_one_line(e)}")
                 if not isinstance(e, StoreError):
                     log.exception("committing %d certificates failed", len(batch))
+            if self._metrics is not None:
+                self._metrics.observe("commit", time.monotonic() - started)
             with self._lock:
                 for position, ticket in enumerate(batch):
                     ticket.taken, ticket.error = position in taken, error
@@ -2796,14 +2800,127 @@ def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
+# Metrics: counters and histograms the forked workers share, for GET /api/metrics
+# ---------------------------------------------------------------------------------------------
+
+# Seconds; Prometheus' client defaults, which span a signature (a millisecond) to a slow hook.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Every error code of the API (sapid(8)), in the order of its table.
+ERROR_CODES = ("bad_request", "bad_client_id", "not_a_csr", "bad_csr_signature",
+               "weak_csr_signature", "key_refused", "name_refused", "not_authorized",
+               "not_found", "method_not_allowed", "request_timeout", "length_required",
+               "too_large", "unsupported_media_type", "hook_error", "internal_error",
+               "hook_timeout", "store_failed", "shutting_down")
+HISTOGRAMS = {
+    "request": ("sapid_request_duration_seconds",
+                "Time from a request's last byte to its answer, every request."),
+    "commit": ("sapid_store_commit_duration_seconds",
+               "Time of one store commit of a batch of certificates."),
+    "hook": ("sapid_hook_duration_seconds", "Time of one call of operator hook code."),
+}
+METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    """Counters and histograms of every process, in anonymous shared memory made before the
+    workers are forked: each process adds to its own slot, under its own lock (no lock is
+    shared between processes), and a scrape, whichever worker takes it, sums the slots."""
+
+    def __init__(self, workers: int = 1):
+        self._index = {"issued": 0, "workers": 1}
+        for code in ERROR_CODES:
+            self._index[f"refused:{code}"] = len(self._index)
+        for name in HISTOGRAMS:
+            for bucket in range(len(LATENCY_BUCKETS) + 1):       # the last one: +Inf
+                self._index[f"{name}:{bucket}"] = len(self._index)
+            self._index[f"{name}:sum"] = len(self._index)
+        self._size, self._workers = len(self._index), workers
+        self._memory = mmap.mmap(-1, 8 * self._size * workers)
+        self._lock = threading.Lock()
+        self.slot = 0
+        self.set_workers(workers)
+
+    def _add(self, key: str, amount: float) -> None:
+        offset = 8 * (self.slot * self._size + self._index[key])
+        with self._lock:
+            value, = struct.unpack_from("d", self._memory, offset)
+            struct.pack_into("d", self._memory, offset, value + amount)
+
+    def issued(self) -> None:
+        self._add("issued", 1)
+
+    def refused(self, code: str) -> None:
+        if f"refused:{code}" in self._index:
+            self._add(f"refused:{code}", 1)
+
+    def observe(self, histogram: str, seconds: float) -> None:
+        self._add(f"{histogram}:{bisect.bisect_left(LATENCY_BUCKETS, seconds)}", 1)
+        self._add(f"{histogram}:sum", seconds)
+
+    def set_workers(self, alive: int) -> None:
+        """The supervisor's count of live workers (slot 0's cell; the others stay 0)."""
+        struct.pack_into("d", self._memory, 8 * self._index["workers"], float(alive))
+
+    def _sums(self) -> list[float]:
+        values = struct.unpack_from(f"{self._size * self._workers}d", self._memory)
+        return [sum(values[slot * self._size + n] for slot in range(self._workers))
+                for n in range(self._size)]
+
+    def text(self, store: Store) -> str:
+        """The Prometheus text format (0.0.4) of it all, with what the store holds."""
+        sums, index = self._sums(), self._index
+        lines = []
+
+        def family(name: str, kind: str, help_text: str, samples) -> None:
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
+            lines.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
+
+        family("sapid_certificates_issued_total", "counter",
+               "Certificates signed, committed to the store and answered.",
+               [("", sums[index["issued"]])])
+        family("sapid_requests_refused_total", "counter",
+               "Requests answered with an error, by its code.",
+               [(f'{{code="{code}"}}', sums[index[f"refused:{code}"]]) for code in ERROR_CODES])
+        for name, (metric, help_text) in HISTOGRAMS.items():
+            counts = [sums[index[f"{name}:{n}"]] for n in range(len(LATENCY_BUCKETS) + 1)]
+            running, samples = 0.0, []
+            for bound, count in zip([*map(_number, LATENCY_BUCKETS), "+Inf"], counts):
+                running += count
+                samples.append((f'_bucket{{le="{bound}"}}', running))
+            samples += [("_sum", sums[index[f"{name}:sum"]]), ("_count", running)]
+            lines.extend([f"# HELP {metric} {help_text}", f"# TYPE {metric} histogram"])
+            lines.extend(f"{metric}{suffix} {_number(value)}" for suffix, value in samples)
+        family("sapid_workers_alive", "gauge", "Processes serving requests.",
+               [("", sums[index["workers"]])])
+        try:
+            count, revoked = store.count(), store.revocation_changes()
+            up = 1
+        except (StoreError, ConfigError) as e:
+            log.error("metrics: %s", e)
+            up = 0
+        family("sapid_store_up", "gauge", "Whether the store could be read for this scrape.",
+               [("", up)])
+        if up:
+            family("sapid_certificates_stored", "gauge",
+                   "Certificates in the store, whoever added them.", [("", count)])
+            family("sapid_revocations_total", "counter",
+                   "Revocations in the store, whoever made them.", [("", revoked)])
+        return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+# ---------------------------------------------------------------------------------------------
 # Hook runner: operator code on daemon threads, so a hung hook costs a thread, not the daemon
 # ---------------------------------------------------------------------------------------------
 
 class HookRunner:
     """Runs hook calls with a timeout on a bounded set of daemon threads started on demand."""
 
-    def __init__(self, limit: int):
-        self._limit = limit
+    def __init__(self, limit: int, metrics: Metrics | None = None):
+        self._limit, self._metrics = limit, metrics
         self._tasks = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = self._idle = self._pending = 0
@@ -2816,12 +2933,16 @@ class HookRunner:
                 self._threads += 1
                 threading.Thread(target=self._work, name="sapid-hook", daemon=True).start()
         self._tasks.put((future, function, args))
+        started = time.monotonic()
         try:
             return future.result(timeout)
         except FutureTimeout:
             future.cancel()
             raise RequestError(503, "hook_timeout",
                                f"a hook did not finish within {timeout:g} s") from None
+        finally:
+            if self._metrics is not None:
+                self._metrics.observe("hook", time.monotonic() - started)
 
     def _work(self):
         while True:
@@ -3298,6 +3419,7 @@ class Request:
     body: bytes | None
     peer: tuple | None
     keep_alive: bool
+    received: float = 0.0   # time.monotonic() when it was whole
 
     @property
     def framed(self) -> bool:
@@ -3311,6 +3433,7 @@ class Response:
     body: bytes
     content_type: str = "application/json"
     headers: tuple = ()
+    code: str | None = None         # an error's code, for the metrics
 
 
 def json_response(status: int, document: dict, headers: tuple = ()) -> Response:
@@ -3325,9 +3448,10 @@ def error_response(error: RequestError) -> Response:
         status = (ocsp.OCSPResponseStatus.TRY_LATER if error.status == 503 else
                   ocsp.OCSPResponseStatus.INTERNAL_ERROR if error.status == 500 else
                   ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        return Response(error.status, OCSP_ERRORS[status], OCSP_MEDIA_TYPE, error.headers)
-    return json_response(error.status, {"error": error.code, "message": error.message},
-                         error.headers)
+        return Response(error.status, OCSP_ERRORS[status], OCSP_MEDIA_TYPE, error.headers,
+                        error.code)
+    return Response(error.status, (json.dumps({"error": error.code, "message": error.message})
+                                   + "\n").encode(), headers=error.headers, code=error.code)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3741,7 +3865,7 @@ class SigningHandler:
         if path.startswith("/api/csr/"):
             self._check_signing(request, path[9:])
             return path
-        if path in ("/api/ca", "/api/health", "/api/crl", "/api/crl.pem") or (
+        if path in ("/api/ca", "/api/health", "/api/metrics", "/api/crl", "/api/crl.pem") or (
                 path.startswith("/ocsp/")):
             _allow(request, ("GET", "HEAD"))
             return path
@@ -3804,6 +3928,9 @@ class SigningHandler:
             return Response(200, authority.ca_pem, "application/pem-certificate-chain")
         if path == "/api/health":
             return self._health()
+        if path == "/api/metrics":
+            return Response(200, self.server.metrics.text(self.server.store).encode(),
+                            METRICS_MEDIA_TYPE)
         if path.startswith("/api/revoke/"):
             return json_response(200, authority.revoke(Revoking(
                 request.body, path[12:], request.peer,
@@ -3935,9 +4062,11 @@ class SigningServer:
     """
 
     def __init__(self, listener: socket.socket, authority: Authority, store: Store,
-                 committer: Committer, max_threads: int, balance: Balance | None = None):
+                 committer: Committer, max_threads: int, balance: Balance | None = None,
+                 metrics: Metrics | None = None):
         self.listener = listener
         self.store, self.committer = store, committer
+        self.metrics = metrics or Metrics()
         self.balance = balance
         self.stopping = False
         self.handler = SigningHandler(self)
@@ -4127,12 +4256,13 @@ class SigningServer:
         head, body = reader.take()
         conn.busy = True
         return Request(head.method, head.path, head.version, head.headers, body, conn.peer,
-                       head.keep_alive)
+                       head.keep_alive, time.monotonic())
 
     def _reject(self, conn: Connection, error: RequestError) -> None:
         """Answer an unreadable request; the connection lingers, draining what the client still
         sends, until it closes or two seconds pass."""
         log.info("refused a request: %s", error.message)
+        self.metrics.refused(error.code)
         data = encode_response(error_response(error), False, True, "HTTP/1.1")
         conn.lingering = True
         conn.reader.clear()
@@ -4225,8 +4355,9 @@ class SigningServer:
         path = request.path
         if path.startswith("/api/csr/"):
             return self.authority.per_request_hooks
-        # The store is read (health, CRL, OCSP) or written (revocations).
-        return path.startswith(("/api/health", "/api/revoke/", "/api/crl", "/ocsp"))
+        # The store is read (health, metrics, CRL, OCSP) or written (revocations).
+        return path.startswith(("/api/health", "/api/metrics", "/api/revoke/", "/api/crl",
+                                "/ocsp"))
 
     def _answer(self, conn: Connection, request: Request) -> None:
         """A pool thread: answer ``request`` and any whole requests pipelined behind it."""
@@ -4250,6 +4381,12 @@ class SigningServer:
         """Send ``response``; True when the connection is ready for its next request.  Nobody
         waits for a client here: what the socket does not take, the reception thread sends."""
         keep = request.keep_alive and not self.stopping
+        metrics = self.metrics
+        if response.code is not None:
+            metrics.refused(response.code)
+        elif response.status == 200 and request.path.startswith("/api/csr/"):
+            metrics.issued()
+        metrics.observe("request", time.monotonic() - request.received)
         data = encode_response(response, request.method == "HEAD", not keep, request.version)
         try:
             sent = conn.sock.send(data)
@@ -4405,10 +4542,12 @@ class Daemon:
         disable_core_dumps()
         self._passphrase = read_passphrase()
         self._raise_file_limit()
+        # Shared with the workers forked later: made before them.
+        self.metrics = Metrics(config.workers)
         # Its threads start on demand, so none exists yet when workers are forked.
-        self.runner = HookRunner(config.max_threads * 2)
+        self.runner = HookRunner(config.max_threads * 2, self.metrics)
         self.store = Store.open(config)
-        self.committer = Committer(self.store)
+        self.committer = Committer(self.store, self.metrics)
         self.authority = Authority.open(config, self._passphrase, self.runner, self.committer,
                                         self.store)
         prepare_store(self.store, config, self._importing)
@@ -4461,7 +4600,7 @@ class Daemon:
     def _serve(self, balance: Balance | None = None) -> None:
         """Serve in this process until stopped."""
         self.server = SigningServer(self.listener, self.authority, self.store, self.committer,
-                                    self.authority.config.max_threads, balance)
+                                    self.authority.config.max_threads, balance, self.metrics)
         signal.set_wakeup_fd(self.server.wake_fd, warn_on_full_buffer=False)
         sd_notify(f"READY=1\nSTATUS={self._status_text()}\nMAINPID={os.getpid()}")
         try:
@@ -4492,6 +4631,7 @@ class Daemon:
                 if not pid:
                     break
                 slot = self.workers.pop(pid, None)
+                self.metrics.set_workers(len(self.workers))
                 if slot is None or self.stopping:
                     continue
                 log.error("worker %d (pid %d) ended unexpectedly (%s); starting another", slot,
@@ -4508,6 +4648,7 @@ class Daemon:
         pid = os.fork()
         if pid:
             self.workers[pid] = slot
+            self.metrics.set_workers(len(self.workers))
             return
         code = 1
         try:
@@ -4521,7 +4662,7 @@ class Daemon:
             self.committer.forked()
             self._wake_r.close()
             self._wake_w.close()
-            self.balance.slot = slot
+            self.balance.slot = self.metrics.slot = slot
             self.balance.update(0)
             self._serve(self.balance)
             code = 0
