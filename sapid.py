@@ -1068,7 +1068,15 @@ M2_EQUIVALENTS = {
     "set_not_before": "draft.not_valid_before = datetime",
     "set_not_after": "draft.not_valid_after = datetime, or return a timedelta from authorize",
     "sign": "nothing: sapid signs after presign",
+    "get_pubkey": "self.csr.public_key() (a cryptography key), or self.public_key_hash",
+    "get_not_before": "draft.not_valid_before, or certificate.not_valid_before_utc",
+    "get_not_after": "draft.not_valid_after, or certificate.not_valid_after_utc",
 }
+
+
+class M2Unsupported(HookError, AttributeError):
+    """An M2Crypto call the stand-in does not provide (an AttributeError too, so that
+    ``hasattr`` and ``getattr(..., default)`` work as on the real object)."""
 
 
 class M2Certificate:
@@ -1084,8 +1092,10 @@ class M2Certificate:
         if self._draft is None:
             raise HookError("M2Crypto X509.add_ext in postsign: the certificate is signed "
                             "already; add extensions in presign")
-        self._draft.add_extension(openssl_extension(extension.get_name(), extension.get_value()),
-                                  bool(extension.get_critical()))
+        value, critical = extension.get_value(), bool(extension.get_critical())
+        if value.startswith("critical,"):          # openssl's spelling of the flag
+            value, critical = value[len("critical,"):], True
+        self._draft.add_extension(openssl_extension(extension.get_name(), value), critical)
         return 1
 
     def set_version(self, version: int) -> int:
@@ -1142,8 +1152,8 @@ class M2Certificate:
         instead = M2_EQUIVALENTS.get(name, "derive the hooks class from sapid.SigningHooks: "
                                      "presign then gets a sapid.Draft, postsign an "
                                      "x509.Certificate")
-        raise HookError(f"M2Crypto X509.{name} is not one of the calls sapid provides to "
-                        f"ssl_api hooks; in sapid: {instead}")
+        raise M2Unsupported(f"M2Crypto X509.{name} is not one of the calls sapid provides to "
+                            f"ssl_api hooks; in sapid: {instead}")
 
 
 class M2Name:
@@ -1152,7 +1162,11 @@ class M2Name:
     _short = {oid: short for short, oid in NAME_FIELDS.items()}
 
     def __init__(self, name: x509.Name):
-        self._name = name
+        object.__setattr__(self, "_name", name)
+
+    def __setattr__(self, short: str, value) -> None:
+        raise M2Unsupported(f"M2Crypto X509_Name.{short} = ...: the stand-in's names are read "
+                            "only; in sapid: draft.subject = x509.Name(...)")
 
     def as_text(self) -> str:
         return ", ".join(f"{self._short.get(a.oid, a.oid.dotted_string)}={a.value}"
@@ -1191,8 +1205,8 @@ def openssl_extension(name: str, value: str) -> x509.ExtensionType:
                       "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH,
                       "codeSigning": ExtendedKeyUsageOID.CODE_SIGNING,
                       "emailProtection": ExtendedKeyUsageOID.EMAIL_PROTECTION,
-                      "timeStamping": ExtendedKeyUsageOID.TIME_STAMPING,
-                      "OCSPSigning": ExtendedKeyUsageOID.OCSP_SIGNING}
+                      "timeStamping": ExtendedKeyUsageOID.TIME_STAMPING}
+            # Not OCSPSigning: a delegated responder could vouch for revoked certificates.
             return x509.ExtendedKeyUsage([usages[item] for item in items])
         if name == "keyUsage":
             flags = {"digitalSignature": "digital_signature",
@@ -1227,10 +1241,10 @@ def _openssl_general_name(item: str) -> x509.GeneralName:
 
 
 def install_ssl_api_names() -> None:
-    """Make importable what ssl_api hooks packages import: ``sapi.exceptions`` (its
-    CsrNotAuthedError refuses with 403, as NotAuthorized), ``sapi.config.api.
-    signing_hooks_base`` and, unless the real M2Crypto is installed, ``M2Crypto.X509`` with
-    ``new_extension``.  No package named sapi is installed: these live in this process only."""
+    """Make importable what ssl_api hooks import: ``sapi.exceptions`` (its CsrNotAuthedError
+    refuses with 403, as NotAuthorized), ``sapi.config.api.signing_hooks_base`` and
+    ``M2Crypto.X509`` with ``new_extension``.  No package named sapi is installed: these live
+    in the daemon's process only."""
     if "sapi.config.api.signing_hooks_base" in sys.modules:
         return
 
@@ -1265,9 +1279,10 @@ def install_ssl_api_names() -> None:
     api = module("sapi.config.api", True, signing_hooks_base=base)
     config = module("sapi.config", True, api=api)
     module("sapi", True, exceptions=exceptions, config=config)
-    if importlib.util.find_spec("M2Crypto") is None:
-        m2_x509 = module("M2Crypto.X509", new_extension=M2Extension, X509_Extension=M2Extension)
-        module("M2Crypto", True, X509=m2_x509)
+    # Always the stand-in, even beside a real M2Crypto: the real extensions' get_value() is
+    # OpenSSL's printed text, not the value given to new_extension.
+    m2_x509 = module("M2Crypto.X509", new_extension=M2Extension, X509_Extension=M2Extension)
+    module("M2Crypto", True, X509=m2_x509)
 
 
 # The hooks' module name: ``logging.getLogger(__name__)`` in a hooks file is a child of sapid's
@@ -1288,13 +1303,14 @@ def load_hooks(path: str | None, strict: bool = True) -> HookSet:
     if os.path.isdir(path):
         return _load_ssl_api_package(path, strict)
     tree = _parse_hooks(path)
+    install_ssl_api_names()          # an ssl_api hooks file may import them too
     previous = sys.modules.get(HOOKS_MODULE)
     try:
         module = _exec_hooks(HOOKS_MODULE, path)
+        return _hook_set(vars(module), path, _locations(tree, path), _used_names(tree))
     except ConfigError:
         _restore_module(HOOKS_MODULE, previous)
         raise
-    return _hook_set(vars(module), path, _locations(tree, path), _used_names(tree))
 
 
 def _parse_hooks(path: str) -> ast.Module:
@@ -1331,6 +1347,8 @@ def _restore_module(name: str, previous) -> None:
     """After a failed reload, the module in force stays the one sys.modules names."""
     if previous is not None:
         sys.modules[name] = previous
+    else:
+        sys.modules.pop(name, None)
 
 
 def _locations(tree: ast.Module, path: str) -> dict:
@@ -1340,22 +1358,28 @@ def _locations(tree: ast.Module, path: str) -> dict:
 
 def _load_ssl_api_package(folder: str, strict: bool) -> HookSet:
     """An unmodified ssl_api ``sapi_custom_ca`` package: its ``ca.py`` and ``api.py`` run as
-    submodules of one package, with ssl_api's ``sapi`` names (and, without the real one, a
-    small M2Crypto) to import."""
+    submodules of one package, with ssl_api's ``sapi`` names and sapid's M2Crypto stand-in to
+    import.  Only ssl_api's names count as hooks: a helper the package calls ``boot`` is its
+    own business, as it was under ssl_api."""
     files = [os.path.join(folder, name) for name in SSL_API_FILES
              if os.path.exists(os.path.join(folder, name))]
     if not files:
         raise ConfigError(f"{folder}: a hooks folder is an ssl_api {SSL_API_PACKAGE} package, "
                           f"with {' and/or '.join(SSL_API_FILES)}; none is here")
+    # Every Python file of the package is run or may be imported: each must be trusted.
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            _check_trusted_file(os.path.join(folder, name), strict)
     init = os.path.join(folder, "__init__.py")
-    for path in [init, *files] if os.path.exists(init) else files:
-        _check_trusted_file(path, strict)
     trees = {path: _parse_hooks(path) for path in files}
     install_ssl_api_names()
-    names = [HOOKS_MODULE, SSL_API_PACKAGE] + [
-        f"{prefix}.{os.path.basename(path)[:-3]}" for path in files
-        for prefix in (HOOKS_MODULE, SSL_API_PACKAGE)]
-    previous = {name: sys.modules.get(name) for name in names}
+    # A reload runs the package afresh, its helper modules too; a failed one puts back the
+    # modules in force.
+    previous = {name: module for name, module in sys.modules.items()
+                if name in (HOOKS_MODULE, SSL_API_PACKAGE)
+                or name.startswith((HOOKS_MODULE + ".", SSL_API_PACKAGE + "."))}
+    for name in previous:
+        del sys.modules[name]
     values, locations, used = {}, {}, set()
     try:
         if os.path.exists(init):
@@ -1369,14 +1393,17 @@ def _load_ssl_api_package(folder: str, strict: bool) -> HookSet:
             module = _exec_hooks(f"{HOOKS_MODULE}.{stem}", path)
             sys.modules[f"{SSL_API_PACKAGE}.{stem}"] = module
             setattr(package, stem, module)
-            values.update(vars(module))
+            values.update({name: value for name, value in vars(module).items()
+                           if name not in ("Hooks", *HOOK_FUNCTIONS)})
             locations.update(_locations(trees[path], path))
             used |= _used_names(trees[path])
+        return _hook_set(values, folder, locations, used)
     except ConfigError:
-        for name, module in previous.items():
-            _restore_module(name, module)
+        for name in [name for name in sys.modules if name in (HOOKS_MODULE, SSL_API_PACKAGE)
+                     or name.startswith((HOOKS_MODULE + ".", SSL_API_PACKAGE + "."))]:
+            del sys.modules[name]
+        sys.modules.update(previous)
         raise
-    return _hook_set(values, folder, locations, used)
 
 
 def _check_trusted_file(path: str, strict: bool, writable_ok: bool = False) -> os.stat_result:
@@ -2813,7 +2840,7 @@ ERROR_CODES = ("bad_request", "bad_client_id", "not_a_csr", "bad_csr_signature",
                "hook_timeout", "store_failed", "shutting_down")
 HISTOGRAMS = {
     "request": ("sapid_request_duration_seconds",
-                "Time from a request's last byte to its answer, every request."),
+                "Time from a request's last byte to its answer, each request read whole."),
     "commit": ("sapid_store_commit_duration_seconds",
                "Time of one store commit of a batch of certificates."),
     "hook": ("sapid_hook_duration_seconds", "Time of one call of operator hook code."),
@@ -2838,7 +2865,7 @@ class Metrics:
         self._memory = mmap.mmap(-1, 8 * self._size * workers)
         self._lock = threading.Lock()
         self.slot = 0
-        self.set_workers(workers)
+        self.set_workers(1 if workers == 1 else 0)    # the supervisor counts those it forks
 
     def _add(self, key: str, amount: float) -> None:
         offset = 8 * (self.slot * self._size + self._index[key])

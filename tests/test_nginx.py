@@ -175,6 +175,10 @@ def test_refusal_bad_input_and_unknown_paths_are_json(deployment, tmp_path):
     assert (status, reply["error"]) == (404, "not_found")
     status, reply = nginx.curl("/api/nothing", ca=ca)
     assert (status, reply["error"]) == (404, "not_found")
+    # Metrics stay on the socket.
+    status, reply = nginx.curl("/api/metrics", ca=ca)
+    assert (status, reply["error"]) == (403, "not_authorized")
+    assert daemon.curl("/api/metrics")[0] == 200
 
 
 def test_body_limits_agree(deployment, tmp_path):

@@ -33,6 +33,8 @@ import M2Crypto.X509
 import sapi.config.api.signing_hooks_base
 from sapi.exceptions import CsrNotAuthedError
 
+from . import helpers
+
 _logger = logging.getLogger(__name__)
 
 
@@ -40,7 +42,7 @@ class CustomHooks(sapi.config.api.signing_hooks_base.SigningHooksBase):
     def authorize(self, subject_alt_name_exts):
         _logger.info("authorizing %s", self.client_hash)
         if self.client_hash == "refused":
-            raise CsrNotAuthedError("not a customer")
+            raise CsrNotAuthedError(helpers.REFUSAL)
         if self.client_hash == "report":
             raise CsrNotAuthedError(json.dumps({
                 "names": subject_alt_name_exts, "key": self.public_key_hash,
@@ -51,6 +53,9 @@ class CustomHooks(sapi.config.api.signing_hooks_base.SigningHooksBase):
         certificate.set_version(2)
         certificate.add_ext(M2Crypto.X509.new_extension(
             "crlDistributionPoints", "URI:http://ca.example.net/ca.crl"))
+        certificate.add_ext(M2Crypto.X509.new_extension(
+            "extendedKeyUsage", "critical,serverAuth"))
+        assert not hasattr(certificate, "get_ext_count")
         if self.client_hash == "unported":
             certificate.set_pubkey(None)
 
@@ -71,12 +76,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _boot():
+def boot():
     with open(os.path.join(HERE, "booted"), "a") as file:
         file.write("booted\\n")
 
 
-CUSTOM_BOOT_CB = _boot
+CUSTOM_BOOT_CB = boot          # ssl_api's name counts; "boot" is only this file's helper
 
 # ssl_api's own default generator, in Python 3: 40 hex digits.
 SERIAL_NUMBER_GENERATOR_CB = lambda: hashlib.sha1(
@@ -100,7 +105,8 @@ def ssl_api_source(tmp_path_factory) -> Path:
 def package(folder: Path) -> Path:
     made = folder / "sapi_custom_ca"
     made.mkdir()
-    for name, text in (("__init__.py", ""), ("api.py", API_PY), ("ca.py", CA_PY)):
+    for name, text in (("__init__.py", ""), ("api.py", API_PY), ("ca.py", CA_PY),
+                       ("helpers.py", 'REFUSAL = "not a customer"\n')):
         (made / name).write_text(text)
         (made / name).chmod(0o644)
     return made
@@ -144,6 +150,8 @@ def test_an_ssl_api_package_signs_refuses_and_draws_serials(daemon_factory, tmp_
         __import__("datetime").timedelta(days=30, seconds=300))
     points = certificate.extensions.get_extension_for_class(x509.CRLDistributionPoints)
     assert points.value[0].full_name[0].value == "http://ca.example.net/ca.crl"
+    usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert usage.critical and list(usage.value) == [x509.ExtendedKeyUsageOID.SERVER_AUTH]
     assert len(reply["serial"]) == 40          # a SHA-1 hex serial, masked to 159 bits
     assert certificate.serial_number < 2 ** 159
     # The hooks' own log lines, under sapid's prefix and level.
@@ -230,3 +238,39 @@ def test_ca_create_identity_as_in_ssl_apis_readme(tmp_path):
     assert years == 10
     assert sorted(os.listdir(tmp_path / "identity")) == [
         "ca.cert.pem", "ca.csr.pem", "ca.private_key.pem", "ca.public_key.pem"]
+
+
+def test_a_reload_runs_the_package_afresh(daemon_factory, tmp_path):
+    import signal
+    hooks = package(tmp_path)
+    daemon = daemon_factory(hooks=str(hooks))
+    csr = make_csr(tmp_path)
+    assert daemon.sign(csr, "refused")[1]["message"] == "not a customer"
+    (hooks / "helpers.py").write_text('REFUSAL = "not a customer any more"\n')
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_for("READY=1")
+    assert daemon.sign(csr, "refused")[1]["message"] == "not a customer any more"
+    # A helper others could write is refused, and the hooks in force stay.
+    (hooks / "helpers.py").chmod(0o666)
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_for("READY=1")
+    assert f"{hooks / 'helpers.py'}: writable by group or others" in daemon.output()
+    assert daemon.sign(csr, "refused")[1]["message"] == "not a customer any more"
+
+
+def test_a_single_hooks_file_may_use_ssl_apis_names(daemon_factory, tmp_path):
+    hooks = write_hooks(tmp_path, """\
+        from sapi.exceptions import CsrNotAuthedError
+        from sapi.config.api.signing_hooks_base import SigningHooksBase
+
+
+        class Old(SigningHooksBase):
+            def authorize(self, subject_alt_name_exts):
+                raise CsrNotAuthedError(repr(subject_alt_name_exts))
+
+
+        API_CSR_HOOKS_FACTORY = Old
+        """)
+    daemon = daemon_factory(hooks=str(hooks))
+    status, reply = daemon.sign(make_csr(tmp_path))
+    assert (status, reply["message"]) == (403, "[[['DNS', 'device1.example']]]")
