@@ -1168,13 +1168,14 @@ class M2Name:
         raise M2Unsupported(f"M2Crypto X509_Name.{short} = ...: the stand-in's names are read "
                             "only; in sapid: draft.subject = x509.Name(...)")
 
+    def _parts(self) -> list[str]:
+        return [f"{self._short.get(a.oid, a.oid.dotted_string)}={a.value}" for a in self._name]
+
     def as_text(self) -> str:
-        return ", ".join(f"{self._short.get(a.oid, a.oid.dotted_string)}={a.value}"
-                         for a in self._name)
+        return ", ".join(self._parts())
 
     def __str__(self) -> str:
-        return "".join(f"/{self._short.get(a.oid, a.oid.dotted_string)}={a.value}"
-                       for a in self._name)
+        return "".join(f"/{part}" for part in self._parts())
 
     def __getattr__(self, short: str):
         oid = NAME_FIELDS.get(short)
@@ -1375,11 +1376,7 @@ def _load_ssl_api_package(folder: str, strict: bool) -> HookSet:
     install_ssl_api_names()
     # A reload runs the package afresh, its helper modules too; a failed one puts back the
     # modules in force.
-    previous = {name: module for name, module in sys.modules.items()
-                if name in (HOOKS_MODULE, SSL_API_PACKAGE)
-                or name.startswith((HOOKS_MODULE + ".", SSL_API_PACKAGE + "."))}
-    for name in previous:
-        del sys.modules[name]
+    previous = _take_package_modules()
     values, locations, used = {}, {}, set()
     try:
         if os.path.exists(init):
@@ -1399,11 +1396,16 @@ def _load_ssl_api_package(folder: str, strict: bool) -> HookSet:
             used |= _used_names(trees[path])
         return _hook_set(values, folder, locations, used)
     except ConfigError:
-        for name in [name for name in sys.modules if name in (HOOKS_MODULE, SSL_API_PACKAGE)
-                     or name.startswith((HOOKS_MODULE + ".", SSL_API_PACKAGE + "."))]:
-            del sys.modules[name]
+        _take_package_modules()
         sys.modules.update(previous)
         raise
+
+
+def _take_package_modules() -> dict:
+    """Take the hooks package's modules, its helpers too, out of sys.modules; what was taken."""
+    names = [name for name in sys.modules if name in (HOOKS_MODULE, SSL_API_PACKAGE)
+             or name.startswith((HOOKS_MODULE + ".", SSL_API_PACKAGE + "."))]
+    return {name: sys.modules.pop(name) for name in names}
 
 
 def _check_trusted_file(path: str, strict: bool, writable_ok: bool = False) -> os.stat_result:
@@ -2867,22 +2869,25 @@ class Metrics:
         self.slot = 0
         self.set_workers(1 if workers == 1 else 0)    # the supervisor counts those it forks
 
-    def _add(self, key: str, amount: float) -> None:
-        offset = 8 * (self.slot * self._size + self._index[key])
+    def _add(self, *pairs) -> None:
+        """Add each (key, amount) to this process's slot, under one taking of the lock."""
+        base = self.slot * self._size
         with self._lock:
-            value, = struct.unpack_from("d", self._memory, offset)
-            struct.pack_into("d", self._memory, offset, value + amount)
+            for key, amount in pairs:
+                offset = 8 * (base + self._index[key])
+                value, = struct.unpack_from("d", self._memory, offset)
+                struct.pack_into("d", self._memory, offset, value + amount)
 
     def issued(self) -> None:
-        self._add("issued", 1)
+        self._add(("issued", 1))
 
     def refused(self, code: str) -> None:
         if f"refused:{code}" in self._index:
-            self._add(f"refused:{code}", 1)
+            self._add((f"refused:{code}", 1))
 
     def observe(self, histogram: str, seconds: float) -> None:
-        self._add(f"{histogram}:{bisect.bisect_left(LATENCY_BUCKETS, seconds)}", 1)
-        self._add(f"{histogram}:sum", seconds)
+        self._add((f"{histogram}:{bisect.bisect_left(LATENCY_BUCKETS, seconds)}", 1),
+                  (f"{histogram}:sum", seconds))
 
     def set_workers(self, alive: int) -> None:
         """The supervisor's count of live workers (slot 0's cell; the others stay 0)."""
@@ -3463,8 +3468,9 @@ class Response:
     code: str | None = None         # an error's code, for the metrics
 
 
-def json_response(status: int, document: dict, headers: tuple = ()) -> Response:
-    return Response(status, (json.dumps(document) + "\n").encode(), headers=headers)
+def json_response(status: int, document: dict, headers: tuple = (),
+                  code: str | None = None) -> Response:
+    return Response(status, (json.dumps(document) + "\n").encode(), headers=headers, code=code)
 
 
 def error_response(error: RequestError) -> Response:
@@ -3477,8 +3483,8 @@ def error_response(error: RequestError) -> Response:
                   ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
         return Response(error.status, OCSP_ERRORS[status], OCSP_MEDIA_TYPE, error.headers,
                         error.code)
-    return Response(error.status, (json.dumps({"error": error.code, "message": error.message})
-                                   + "\n").encode(), headers=error.headers, code=error.code)
+    return json_response(error.status, {"error": error.code, "message": error.message},
+                         error.headers, error.code)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5072,10 +5078,9 @@ def command_show(args) -> int:
     """Print one certificate's record and its PEM."""
     config = Config.load(args.config)
     try:
-        serial = serial_hex(int(args.serial.replace(":", ""), 16))
-    except ValueError:
-        raise ConfigError(f"{args.serial!r} is not a serial number (hex, as sapid prints "
-                          "them)") from None
+        serial = parse_serial(args.serial)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     store = Store.open(config)
     try:
         record = store.get(serial)

@@ -39,6 +39,9 @@ def test_metrics_count_what_every_worker_did(daemon_factory, tmp_path):
     assert daemon.sign(csr, "bad-id")[0] == 400
     assert daemon.curl("/api/csr/device1", "PUT", b"not a csr")[0] == 400
     assert daemon.curl("/nowhere")[0] == 404
+    # Refused before it was read whole: counted too.
+    assert daemon.raw(b"PUT /api/csr/x HTTP/1.1\r\nHost: s\r\nContent-Length: z\r\n\r\n"
+                      ).startswith(b"HTTP/1.1 400 ")
     run([*SAPID, "revoke", "-c", str(daemon.config), serials[0]], env=sapid_env())
     for _ in range(6):                      # scrapes land on either worker
         status, text, head = daemon.curl("/api/metrics")
@@ -49,6 +52,7 @@ def test_metrics_count_what_every_worker_did(daemon_factory, tmp_path):
         assert sample(text, 'sapid_requests_refused_total{code="bad_client_id"}') == 1
         assert sample(text, 'sapid_requests_refused_total{code="not_a_csr"}') == 1
         assert sample(text, 'sapid_requests_refused_total{code="not_found"}') == 1
+        assert sample(text, 'sapid_requests_refused_total{code="bad_request"}') == 1
         assert sample(text, "sapid_revocations_total") == 1
         assert sample(text, "sapid_certificates_stored") == 3
         assert sample(text, "sapid_workers_alive") == 2

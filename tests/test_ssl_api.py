@@ -274,3 +274,16 @@ def test_a_single_hooks_file_may_use_ssl_apis_names(daemon_factory, tmp_path):
     daemon = daemon_factory(hooks=str(hooks))
     status, reply = daemon.sign(make_csr(tmp_path))
     assert (status, reply["message"]) == (403, "[[['DNS', 'device1.example']]]")
+
+
+def test_the_m2crypto_stand_in_translates_no_ca_powers():
+    """What the profile forbids stays forbidden through new_extension: CA:TRUE, keyCertSign,
+    cRLSign, OCSPSigning (a delegated responder could vouch for revoked certificates)."""
+    for name, value in (("basicConstraints", "CA:TRUE"), ("keyUsage", "keyCertSign"),
+                        ("keyUsage", "digitalSignature, cRLSign"),
+                        ("extendedKeyUsage", "serverAuth, OCSPSigning"),
+                        ("certificatePolicies", "1.2.3")):
+        with pytest.raises(sapid.HookError):
+            sapid.openssl_extension(name, value)
+    usage = sapid.openssl_extension("keyUsage", "digitalSignature, keyEncipherment")
+    assert usage.digital_signature and usage.key_encipherment and not usage.key_cert_sign
