@@ -55,8 +55,8 @@ import time
 import traceback
 import types
 import urllib.parse
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import cryptography
@@ -195,6 +195,30 @@ def _yes_no(value: str) -> bool:
     raise ValueError(f"expected yes or no, not {value!r}")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (systemd's ``CPUAffinity=``, a
+    container's cpuset), less what a cgroup v2 quota (``CPUQuota=``) leaves; 1 to 64."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as file:
+            group = next(line[3:].strip() for line in file if line.startswith("0::"))
+        with open(f"/sys/fs/cgroup{group}/cpu.max", encoding="ascii") as file:
+            quota, period = file.read().split()
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, StopIteration, ValueError):
+        pass        # no cgroup v2, or no quota: the affinity alone
+    return max(1, min(cores, 64))
+
+
+def _workers(value: str) -> int:
+    if value == "auto":
+        return usable_cores()
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise ValueError(f"expected 1 to 64 processes, or auto (one per core), not {value!r}")
+    return int(value)
+
+
 def _bounded(kind, low, high):
     def parse(value: str):
         number = kind(value)
@@ -231,7 +255,7 @@ CONFIG_KEYS = {
     "max_request_bytes": _bounded(int, 1024, 16 * 1024 * 1024),
     "request_timeout": _bounded(float, 0.1, 3600),
     "max_threads": _bounded(int, 1, 1024),
-    "workers": _bounded(int, 1, 64),
+    "workers": _workers,
     "hook_timeout": _bounded(float, 0.1, 3600),
     "trusted_proxy": _yes_no,
     "strict_files": _yes_no,
@@ -1829,6 +1853,8 @@ class Store:
         self.known = 0          # the count last seen: for status lines, which must not wait
         self._connections = {True: None, False: None}       # by ``write``
         self._locks = {True: threading.Lock(), False: threading.Lock()}
+        self._inserts = {}      # the INSERT of n rows, by n
+        self._writer = None
 
     @staticmethod
     def open(config: Config) -> Store:
@@ -1897,6 +1923,9 @@ class Store:
             if connection is None:
                 kept = False
                 connection = self._connections[write] = self._connect(create)
+                if write:
+                    # This process's row of the tally: a forked worker connects anew.
+                    self._writer = f"{socket.gethostname()}/{os.getpid()}"
             if write:
                 self._check_writable()
             cursor = connection.cursor()
@@ -1980,31 +2009,41 @@ class Store:
                 part = fresh[start:start + INSERT_ROWS]
                 cursor.execute(self._insert(len(part)),
                                [value for _, record in part for value in self._row(record)])
-                inserted = {row[0] for row in cursor.fetchall()}
-                taken.update(position for position, record in part
-                             if record.serial not in inserted)
-                added += len(inserted)
+                added += cursor.rowcount
+                if cursor.rowcount != len(part):
+                    # Some serials were there already (the rare case, read only then, so
+                    # that a batch is one statement step and not one per row): a record
+                    # whose row is not the stored one was not added.
+                    cursor.execute(self._sql(
+                        "SELECT serial, client_id, sha256, issued_at FROM certificates WHERE "
+                        f"serial IN ({', '.join(['?'] * len(part))})"),
+                        [record.serial for _, record in part])
+                    stored = {row[0]: tuple(row[1:]) for row in cursor.fetchall()}
+                    taken.update(position for position, record in part
+                                 if stored.get(record.serial) != (
+                                     record.client_id, record.sha256,
+                                     self._instant(record.issued_at)))
             if added:
                 cursor.execute(self._sql(
                     "INSERT INTO tally (writer, issued) VALUES (?, ?) ON CONFLICT (writer)"
                     " DO UPDATE SET issued = tally.issued + excluded.issued"),
-                    (self._writer(), added))
+                    (self._writer, added))
         self.known += added     # others' additions show at the next count()
         return taken
 
     def _insert(self, rows: int) -> str:
-        values = "(" + ", ".join([self._sql("?")] * len(NEW_COLUMNS)) + ")"
-        return (f"INSERT INTO certificates ({', '.join(NEW_COLUMNS)}) VALUES "
-                f"{', '.join([values] * rows)} ON CONFLICT (serial) DO NOTHING RETURNING serial")
+        if (text := self._inserts.get(rows)) is None:
+            values = "(" + ", ".join([self._sql("?")] * len(NEW_COLUMNS)) + ")"
+            text = self._inserts[rows] = (
+                f"INSERT INTO certificates ({', '.join(NEW_COLUMNS)}) VALUES "
+                f"{', '.join([values] * rows)} ON CONFLICT (serial) DO NOTHING")
+        return text
 
     def _row(self, record: Record) -> tuple:
         return (record.serial, record.client_id, record.subject, json.dumps(list(record.sans)),
                 self._time(record.not_before), self._time(record.not_after), record.sha256,
                 record.der, self._instant(record.issued_at))
 
-    @staticmethod
-    def _writer() -> str:
-        return f"{socket.gethostname()}/{os.getpid()}"
 
     def revoke(self, serial: str, reason: str, at: datetime.datetime) -> tuple[Record | None, bool]:
         """Mark ``serial`` revoked at ``at`` for ``reason``, durable on return: its record
@@ -2180,6 +2219,9 @@ class SQLiteStore(Store):
             if mode.lower() != "wal":
                 raise sqlite3.OperationalError(f"journal mode {mode}, WAL expected")
             connection.execute("PRAGMA synchronous = FULL")
+            # A batch's INSERT keeps a statement journal (the pages it changed, to undo it
+            # alone); in a file, each commit would create, write and delete one in /var/tmp.
+            connection.execute("PRAGMA temp_store = MEMORY")
             connection.inode = os.stat(self.path).st_ino
         except (sqlite3.Error, OSError) as e:
             connection.close()
@@ -2303,11 +2345,23 @@ class Ticket:
     """Where one record stands: ``done`` once its batch was committed or failed, then
     ``taken`` (its serial was in the store already) or ``error`` (a StoreError) say how."""
 
-    __slots__ = ("done", "error", "queued_at", "record", "taken")
+    __slots__ = ("done", "error", "queued_at", "record", "taken", "_settled")
 
     def __init__(self, record: Record):
         self.record, self.done, self.taken, self.error = record, False, False, None
         self.queued_at = time.monotonic()
+        # Held until done: a thread waiting for this ticket sleeps on it alone, so that a
+        # commit wakes the waiters of its own records, not every waiting thread.
+        self._settled = threading.Lock()
+        self._settled.acquire()
+
+    def mark_done(self) -> None:
+        self.done = True
+        self._settled.release()
+
+    def wait(self) -> None:
+        self._settled.acquire()
+        self._settled.release()
 
 
 class Committer:
@@ -2323,7 +2377,7 @@ class Committer:
     def _start(self) -> None:
         self._lock = threading.Condition(threading.Lock())
         self._queue = []
-        self._busy = False
+        self._busy = self._wanted = False
         self._closing = False
         self._thread = None
         self._event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -2348,7 +2402,8 @@ class Committer:
         with self._lock:
             if self._closing and not (self._thread and self._thread.is_alive()):
                 # Closed: nothing would commit it, and a waiter must not wait for ever.
-                ticket.error, ticket.done = StoreError(f"{self.store.where}: closed"), True
+                ticket.error = StoreError(f"{self.store.where}: closed")
+                ticket.mark_done()
                 return ticket
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="sapid-commit",
@@ -2376,13 +2431,17 @@ class Committer:
         made meanwhile share one commit."""
         with self._lock:
             if self._queue and not self._busy:
+                self._wanted = True
                 self._lock.notify_all()
 
     def wait(self, ticket: Ticket) -> None:
-        self.flush()
-        with self._lock:
-            while not ticket.done:
-                self._lock.wait()
+        """Block until ``ticket`` is done, its batch begun now if no commit runs (or right
+        after the one that does)."""
+        if not ticket.done:
+            with self._lock:
+                self._wanted = True
+                self._lock.notify()
+            ticket.wait()
 
     def close(self) -> None:
         """Commit what was submitted, then end the thread."""
@@ -2398,11 +2457,12 @@ class Committer:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._closing:
+                while not (self._queue and self._wanted) and not self._closing:
                     self._lock.wait()
                 if not self._queue:
                     return
                 batch, self._queue, self._busy = self._queue, [], True
+                self._wanted = False
             taken, error = set(), None
             started = time.monotonic()
             try:
@@ -2417,10 +2477,9 @@ class Committer:
             with self._lock:
                 for position, ticket in enumerate(batch):
                     ticket.taken, ticket.error = position in taken, error
-                    ticket.done = True
+                    ticket.mark_done()
                 self.batches += 1
                 self._busy = False
-                self._lock.notify_all()
             with contextlib.suppress(OSError):
                 os.eventfd_write(self._event, 1)
 
@@ -2948,23 +3007,73 @@ def _number(value: float) -> str:
 # Hook runner: operator code on daemon threads, so a hung hook costs a thread, not the daemon
 # ---------------------------------------------------------------------------------------------
 
-class HookRunner:
-    """Runs hook calls with a timeout on a bounded set of daemon threads started on demand."""
+class ThreadPool:
+    """Up to ``limit`` daemon threads, started on demand, running tasks in order.  Daemon
+    threads, unlike ThreadPoolExecutor's, are not joined at exit: one that a hook holds for
+    ever cannot keep the daemon from stopping.
 
-    def __init__(self, limit: int, metrics: Metrics | None = None):
-        self._limit, self._metrics = limit, metrics
+    With ``spawn_after``, a thread is added only when no task was taken for that long while
+    some wait (see ``tick``): fast tasks then share a thread or two instead of waking one
+    each (every waking thread contends for the GIL), and slow ones still get more."""
+
+    def __init__(self, limit: int, name: str, spawn_after: float = 0.0):
+        self._limit, self._name, self._spawn_after = limit, name, spawn_after
         self._tasks = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = self._idle = self._pending = 0
+        self._taken = 0.0              # when a thread last took a task
+
+    def submit(self, function, *args) -> None:
+        with self._lock:
+            self._pending += 1
+            self._spawn(time.monotonic())
+        self._tasks.put((function, args))
+
+    @property
+    def waiting(self) -> bool:
+        """Whether tasks wait for a thread."""
+        return self._pending > self._idle
+
+    def tick(self, now: float) -> None:
+        """Add a thread if the tasks waiting have been left waiting ``spawn_after``."""
+        if self._pending > self._idle:
+            with self._lock:
+                self._spawn(now)
+
+    def _spawn(self, now: float) -> None:
+        if self._pending > self._idle and self._threads < self._limit and (
+                not self._threads or now - self._taken >= self._spawn_after):
+            self._threads += 1
+            self._taken = now
+            threading.Thread(target=self._work, name=self._name, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            function, args = self._tasks.get()
+            with self._lock:
+                self._idle -= 1
+                self._pending -= 1
+                self._taken = time.monotonic()
+            try:
+                function(*args)
+            except Exception:       # each task handles its own; this keeps the thread
+                log.exception("internal error in %s", self._name)
+
+
+class HookRunner:
+    """Runs hook calls with a timeout on a bounded set of daemon threads started on demand,
+    for callers that block (pool threads, ``sapid sign``); the reception thread runs its
+    requests' hooks as HookCalls instead (SigningServer._run_hook)."""
+
+    def __init__(self, limit: int, metrics: Metrics | None = None):
+        self.metrics = metrics
+        self.threads = ThreadPool(limit, "sapid-hook")
 
     def call(self, timeout: float, function, *args):
         future = Future()
-        with self._lock:
-            self._pending += 1
-            if self._pending > self._idle and self._threads < self._limit:
-                self._threads += 1
-                threading.Thread(target=self._work, name="sapid-hook", daemon=True).start()
-        self._tasks.put((future, function, args))
+        self.threads.submit(self._run, future, function, args)
         started = time.monotonic()
         try:
             return future.result(timeout)
@@ -2973,22 +3082,16 @@ class HookRunner:
             raise RequestError(503, "hook_timeout",
                                f"a hook did not finish within {timeout:g} s") from None
         finally:
-            if self._metrics is not None:
-                self._metrics.observe("hook", time.monotonic() - started)
+            if self.metrics is not None:
+                self.metrics.observe("hook", time.monotonic() - started)
 
-    def _work(self):
-        while True:
-            with self._lock:
-                self._idle += 1
-            future, function, args = self._tasks.get()
-            with self._lock:
-                self._idle -= 1
-                self._pending -= 1
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(function(*args))
-                except BaseException as e:  # handed to the waiting request
-                    future.set_exception(e)
+    @staticmethod
+    def _run(future: Future, function, args) -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(function(*args))
+            except BaseException as e:  # handed to the waiting request
+                future.set_exception(e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3034,6 +3137,45 @@ class Signing:
 
 class Revoking(Signing):
     """One ``POST /api/revoke/<client_id>`` as the pipeline takes it: the same parts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HookCall:
+    """Operator code that a signing runs next, which may block: ``run`` it on a thread that
+    may wait (a pool thread, or a hook thread for the reception thread, which keeps the
+    time), then ``resume`` with what it gave, on the thread that asked.  ``audit`` is the
+    refusal's audit line but its code and reason."""
+
+    authority: Authority
+    phase: str
+    function: Callable
+    args: tuple
+    then: Callable                # the hook's result -> what follows (Pending, Issued, ...)
+    audit: tuple
+
+    def run(self) -> tuple:
+        """(result, None) or (None, the exception), after running the hook here."""
+        try:
+            return self.function(*self.args), None
+        except BaseException as e:  # noqa: BLE001 -- judged by resume, on the asking thread
+            return None, e
+
+    def run_with_timeout(self) -> tuple:
+        """``run`` on a hook thread, waiting at most ``hook_timeout`` (RequestError then)."""
+        runner = self.authority.runner
+        try:
+            return runner.call(self.authority.config.hook_timeout, self.function,
+                               *self.args), None
+        except BaseException as e:  # noqa: BLE001
+            return None, e
+
+    def resume(self, result, error: BaseException | None):
+        """What follows: ``then(result)``, or the refusal ``error`` makes, audited."""
+        if error is None:
+            return self.then(result)
+        refusal = self.authority.hook_refusal(self.phase, error)
+        audit(*self.audit, refusal.code, refusal.message)
+        raise refusal
 
 
 EXTENSION_LEAF = x509.Extension(ExtensionOID.BASIC_CONSTRAINTS, True,
@@ -3087,7 +3229,7 @@ class Authority:
                     AuthorityInformationAccessOID.OCSP,
                     x509.UniformResourceIdentifier(config.ocsp_url))]))
         self.ca_pem = identity.pem()
-        self.ca_pem_text = self.ca_pem.decode()
+        self.ca_pem_json = json.dumps(self.ca_pem.decode())
         self._backdate = datetime.timedelta(seconds=config.backdate_seconds)
         self._validity = datetime.timedelta(days=config.validity_days)
 
@@ -3112,45 +3254,51 @@ class Authority:
 
     # The pipeline -----------------------------------------------------------------------------
 
-    @property
-    def per_request_hooks(self) -> bool:
-        """Whether operator code runs for each signing (not just ``boot``)."""
-        return bool(self.hooks.custom & SIGNING_HOOKS)
-
-    def issue(self, signing: Signing) -> Pending:
+    def issue(self, signing: Signing) -> Pending | HookCall:
         """Check, authorize, draft, presign, sign, and submit to the store: the certificate
-        and its durability ticket.  Refusals raise RequestError; each is audited."""
+        and its durability ticket, or first the HookCall of authorize and presign when the
+        hooks define them.  Refusals raise RequestError; each is audited."""
         subject = csr_fingerprint = None
         try:
             csr = parse_csr(signing.body)
             csr_fingerprint = hashlib.sha256(signing.body).hexdigest()
             checked = check_csr(csr)
             subject = subject_text(checked.subject)
+            then = functools.partial(self._sign_prepared, signing.client_id, checked, subject,
+                                     csr_fingerprint)
             if self.hooks.custom & (SIGNING_HOOKS - {"postsign"}):
-                instance, draft = self._call("authorize/presign", self._prepare, signing, checked)
-            else:
-                instance, draft = self._prepare(signing, checked)
-            return self._submit(draft, signing.client_id, (checked.subject, subject),
-                                csr_fingerprint, instance)
+                return HookCall(self, "authorize/presign", self._prepare, (signing, checked),
+                                then, ("refused", signing.client_id, subject, None,
+                                       csr_fingerprint))
+            prepared = self._prepare(signing, checked)
         except RequestError as e:
             audit("refused", signing.client_id, subject, None, csr_fingerprint, e.code, e.message)
             raise
+        return then(prepared)
 
-    def settle(self, pending: Pending) -> Issued | Pending:
-        """What a done ticket means: the certificate (audited, postsign run), a new Pending
-        when its serial was taken (signed again with another), or RequestError."""
+    def _sign_prepared(self, client_id: str, checked: CheckedCSR, subject: str,
+                       csr_fingerprint: str, prepared: tuple) -> Pending:
+        instance, draft = prepared
+        try:
+            return self._submit(draft, client_id, (checked.subject, subject), csr_fingerprint,
+                                instance)
+        except RequestError as e:
+            audit("refused", client_id, subject, None, csr_fingerprint, e.code, e.message)
+            raise
+
+    def settle(self, pending: Pending) -> Issued | Pending | HookCall:
+        """What a done ticket means: the certificate (audited; first the HookCall of
+        postsign when there is one), a new Pending when its serial was taken (signed again
+        with another), or RequestError."""
         ticket, issued = pending.ticket, pending.issued
         subject, client_id = pending.subject, pending.client_id
         if ticket.taken and pending.attempt < SERIAL_ATTEMPTS:
             log.warning("serial %s is taken; drawing another", issued.serial)
-            pending.draft.serial_number = self.hooks.draw_serial()
-            try:
-                return self._submit(pending.draft, client_id, (pending.csr_subject, subject),
-                                    pending.csr_fingerprint, pending.hooks, pending.attempt + 1)
-            except RequestError as e:
-                audit("refused", client_id, subject, None, pending.csr_fingerprint, e.code,
-                      e.message)
-                raise
+            redraw = functools.partial(self._resubmit, pending)
+            if "serial_number" in self.hooks.custom:
+                return HookCall(self, "serial_number", self.hooks.draw_serial, (), redraw,
+                                ("refused", client_id, subject, None, pending.csr_fingerprint))
+            return redraw(self.hooks.draw_serial())
         if ticket.taken or ticket.error is not None:
             if ticket.taken:
                 error = RequestError(503, "store_failed", "no unused serial number could be drawn")
@@ -3164,23 +3312,34 @@ class Authority:
             raise error
         audit("issued", client_id, subject, issued.serial, issued.fingerprint)
         if "postsign" in self.hooks.custom:
-            try:
-                certificate = issued.certificate
-                if getattr(pending.hooks, "ssl_api_shapes", False):
-                    certificate = M2Certificate(certificate=certificate)
-                self._call("postsign", pending.hooks.postsign, certificate)
-            except RequestError as e:
-                audit("withheld", client_id, subject, issued.serial, issued.fingerprint, e.code,
-                      e.message)
-                raise
+            certificate = issued.certificate
+            if getattr(pending.hooks, "ssl_api_shapes", False):
+                certificate = M2Certificate(certificate=certificate)
+            return HookCall(self, "postsign", pending.hooks.postsign, (certificate,),
+                            lambda _: issued, ("withheld", client_id, subject, issued.serial,
+                                               issued.fingerprint))
         return issued
 
-    def wait(self, pending: Pending) -> Issued:
-        """``settle`` after blocking until the ticket is done (a pool thread, ``sapid sign``)."""
-        outcome = pending
-        while isinstance(outcome, Pending):
-            self.committer.wait(outcome.ticket)
-            outcome = self.settle(outcome)
+    def _resubmit(self, pending: Pending, serial) -> Pending:
+        pending.draft.serial_number = serial
+        try:
+            return self._submit(pending.draft, pending.client_id,
+                                (pending.csr_subject, pending.subject), pending.csr_fingerprint,
+                                pending.hooks, pending.attempt + 1)
+        except RequestError as e:
+            audit("refused", pending.client_id, pending.subject, None, pending.csr_fingerprint,
+                  e.code, e.message)
+            raise
+
+    def wait(self, outcome: Pending | HookCall) -> Issued:
+        """Block until ``outcome`` is a certificate (a pool thread, ``sapid sign``): hooks
+        run with the timeout, tickets waited for, then settled."""
+        while not isinstance(outcome, Issued):
+            if isinstance(outcome, HookCall):
+                outcome = outcome.resume(*outcome.run_with_timeout())
+            else:
+                self.committer.wait(outcome.ticket)
+                outcome = self.settle(outcome)
         return outcome
 
     def revoke(self, revoking: Revoking) -> dict:
@@ -3247,17 +3406,23 @@ class Authority:
         return instance.authorize_revocation(x509.load_der_x509_certificate(record.der), reason)
 
     def _call(self, phase: str, function, *args):
-        """Run operator code with the hook timeout; its failures become 403 or 500."""
+        """Run operator code with the hook timeout, blocking; its failures become 403 or 500."""
         try:
             return self.runner.call(self.config.hook_timeout, function, *args)
-        except RequestError:
-            raise
-        except NotAuthorized as e:
-            raise RequestError(403, "not_authorized", str(e) or "not authorized") from None
-        except (Exception, SystemExit):   # sys.exit() in a hook must not leave the client hanging
-            log.exception("hook %s failed (%s)", phase, self.hooks.path)
-            raise RequestError(500, "hook_error",
-                               "a hook of this CA failed; its log has the details") from None
+        except BaseException as e:        # noqa: BLE001 -- every failure of operator code
+            raise self.hook_refusal(phase, e) from None
+
+    def hook_refusal(self, phase: str, error: BaseException) -> RequestError:
+        """What a hook's failure answers: its RequestError, 403 for NotAuthorized, else 500
+        (logged with its traceback; sys.exit() in a hook must not leave the client hanging)."""
+        if isinstance(error, RequestError):
+            return error
+        if isinstance(error, NotAuthorized):
+            return RequestError(403, "not_authorized", str(error) or "not authorized")
+        if not isinstance(error, (Exception, SystemExit)):
+            raise error                   # KeyboardInterrupt and the like
+        log.error("hook %s failed (%s)", phase, self.hooks.path, exc_info=error)
+        return RequestError(500, "hook_error", "a hook of this CA failed; its log has the details")
 
     def _prepare(self, signing: Signing, checked: CheckedCSR):
         """Hooks instance, authorize, draft and presign: everything before the key is used.
@@ -3387,7 +3552,24 @@ def audit(outcome: str, client_id, subject, serial, fingerprint, code=None, reas
         text += f" by={json.dumps(by)}"
     if code:
         text += f" code={json.dumps(code)} reason={json.dumps(reason)}"
+    if ((line := _audit_line) is not None and len(handlers := log.handlers) == 1
+            and handlers[0] is line[0] and log.isEnabledFor(logging.INFO)):
+        # What the stream handler would write, without the LogRecord it would make first:
+        # a tenth of an issuance's Python (bench/README.md).
+        handler, prefix = line
+        try:
+            with handler.lock:
+                handler.stream.write(f"{prefix}{text}\n")
+                handler.stream.flush()
+            return
+        except (OSError, ValueError):
+            pass                    # what logging does with it: its own error report
     log.info("%s", text, extra=fields)
+
+
+# (handler, prefix): set by setup_logging when sapid's one handler is a plain stream whose
+# format is a fixed prefix before the message, so that audit lines can skip the LogRecord.
+_audit_line = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3421,6 +3603,10 @@ HOST = re.compile(rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=]+\]"
 # RFC 9110 5.5: field-value = *field-content, of field-vchar (VCHAR / obs-text) with SP and
 # HTAB between them; CR, LF and NUL MUST be refused, other controls are invalid too.
 FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
+# RFC 9112 5: field-line = field-name ":" OWS field-value OWS, the value without its OWS: one
+# match for a well-formed line; ``_field`` says what is wrong with any other.
+FIELD_LINE = re.compile(rb"(%s):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*"
+                        rb"[\x21-\x7e\x80-\xff])?)?)[ \t]*\Z" % _TOKEN)
 # RFC 9112 2.2: a bare CR, or a LF not preceded by CR (a bare LF as a line end).
 BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 # RFC 9112 7.1: chunk = chunk-size [ chunk-ext ] CRLF ...; chunk-size = 1*HEXDIG;
@@ -3584,7 +3770,10 @@ def _parse_fields(method: bytes, path: str, version: str, field_lines: list,
                   limit: int) -> Head:
     headers = {}
     for field_line in field_lines:
-        name, value = _field(field_line)
+        if (match := FIELD_LINE.match(field_line)) is not None:
+            name, value = match.groups()
+        else:
+            name, value = _field(field_line)
         name = name.decode("ascii").lower()
         if name == "host":
             # RFC 9112 3.2: more than one Host, or an invalid one: 400.
@@ -3620,6 +3809,11 @@ def _content_length(value: str | None, limit: int) -> int | None:
     different ones are refused (RFC 9112 6.3 (5))."""
     if value is None:
         return None
+    if value.isdigit() and value.isascii() and len(value) <= CONTENT_LENGTH_DIGITS:
+        if (length := int(value)) > limit:
+            raise RequestError(413, "too_large", f"a body of {length} bytes is over the limit "
+                               f"of {limit}")
+        return length
     members = [member.strip(" \t") for member in value.split(",")]
     if not all(member.isascii() and member.isdigit() for member in members):
         raise _bad("Content-Length is not a number of decimal digits (RFC 9110 8.6)")
@@ -3852,8 +4046,9 @@ class SigningHandler:
     def __init__(self, server: SigningServer):
         self.server = server
 
-    def respond(self, request: Request) -> Response | Pending:
-        """The response, or for a signing the Pending to ``finish`` once its ticket is done."""
+    def respond(self, request: Request) -> Response | Pending | HookCall:
+        """The response, or for a signing the Pending to ``finish`` once its ticket is done,
+        or the HookCall to run and ``resume``."""
         try:
             return self._route(request)
         except RequestError as e:
@@ -3862,13 +4057,22 @@ class SigningHandler:
         except Exception:
             return self._internal_error(request)
 
-    def finish(self, pending: Pending, request: Request) -> Response | Pending:
-        """The response to a signing whose ticket is done (or a new Pending: see settle)."""
+    def finish(self, pending: Pending, request: Request) -> Response | Pending | HookCall:
+        """The response to a signing whose ticket is done (or a new Pending or HookCall: see
+        settle)."""
+        return self._next(lambda: pending.authority.settle(pending), pending.authority, request)
+
+    def resume(self, call: HookCall, request: Request, result,
+               error: BaseException | None) -> Response | Pending | HookCall:
+        """The response, or what comes next, once ``call`` has run."""
+        return self._next(lambda: call.resume(result, error), call.authority, request)
+
+    def _next(self, step, authority: Authority, request: Request):
         try:
-            outcome = pending.authority.settle(pending)
-            if isinstance(outcome, Pending):
-                return outcome
-            return self._issued(outcome, pending.authority)
+            outcome = step()
+            if isinstance(outcome, Issued):
+                return self._issued(outcome, authority)
+            return outcome
         except RequestError as e:
             return error_response(e)
         except Exception:
@@ -4001,15 +4205,15 @@ class SigningHandler:
 
     @staticmethod
     def _issued(issued: Issued, authority: Authority) -> Response:
+        """What ``json_response`` would make of the document, put together from its parts:
+        the CA's chain is JSON-encoded once per Authority, the rest are hex and times."""
         certificate = issued.certificate
-        return json_response(200, {
-            "signed_x509_pem": issued.pem.decode(),
-            "ca_x509_pem": authority.ca_pem_text,
-            "serial": issued.serial,
-            "not_before": iso_time(certificate.not_valid_before_utc),
-            "not_after": iso_time(certificate.not_valid_after_utc),
-            "sha256_fingerprint": issued.fingerprint,
-        })
+        return Response(200, (
+            f'{{"signed_x509_pem": {json.dumps(issued.pem.decode())}, '
+            f'"ca_x509_pem": {authority.ca_pem_json}, "serial": "{issued.serial}", '
+            f'"not_before": "{iso_time(certificate.not_valid_before_utc)}", '
+            f'"not_after": "{iso_time(certificate.not_valid_after_utc)}", '
+            f'"sha256_fingerprint": "{issued.fingerprint}"}}\n').encode())
 
     @staticmethod
     def _hook_headers(headers: dict, authority: Authority) -> Headers | None:
@@ -4058,6 +4262,9 @@ ONE_SHOT = select.EPOLLIN | select.EPOLLONESHOT
 # write and are answered after it, so a long turn delays every answer in it; the events left
 # wait in the kernel's ready list, in order, for the next turn.
 TURN_EVENTS = 16
+# A hook thread more is started when the hooks queued have waited this long for one: fast
+# hooks share a few threads (each thread woken costs a GIL hand-off), slow ones get more.
+HOOK_SPAWN_SECONDS = 0.02
 ONE_SHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
 LISTEN_EVENTS = select.EPOLLIN
 
@@ -4103,7 +4310,10 @@ class SigningServer:
         self.balance = balance
         self.stopping = False
         self.handler = SigningHandler(self)
-        self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix="sapid-worker")
+        self._pool = ThreadPool(max_threads, "sapid-worker")
+        self._hooks = ThreadPool(max_threads, "sapid-hook", HOOK_SPAWN_SECONDS)
+        self._hooked = {}                        # conn -> (deadline, request, HookCall)
+        self._hook_results = queue.SimpleQueue()  # (conn, request, call, result, error)
         self._epoll = select.epoll()
         self._connections: dict[int, Connection] = {}
         self._closing = queue.SimpleQueue()     # connections pool threads are done with
@@ -4141,6 +4351,8 @@ class SigningServer:
             wait = 0.25
             if self._accept_paused_until:
                 wait = min(wait, max(0.0, self._accept_paused_until - time.monotonic()))
+            if self._hooks.waiting:
+                wait = min(wait, HOOK_SPAWN_SECONDS)     # to add a hook thread in time
             events = self._epoll.poll(0 if self.committer.queued else wait, TURN_EVENTS)
             if not events and self.committer.queued:
                 # Nothing else to do: have this thread's signings committed now.
@@ -4159,7 +4371,11 @@ class SigningServer:
                     else:
                         self._receive(conn)
             self._take_closing()
+            self._resume_hooked()
             now = time.monotonic()
+            if self._hooked:
+                self._hooks.tick(now)
+                self._hooks_late(now)
             if self.committer.due(now):
                 self.committer.flush()
             if self._accept_paused_until and now >= self._accept_paused_until:
@@ -4168,7 +4384,6 @@ class SigningServer:
                     self._epoll.register(self._listen_fd, LISTEN_EVENTS)
             self._expire(now)
             tick()
-        self._pool.shutdown(wait=True)
         self._take_closing()
         self._epoll.close()
 
@@ -4341,17 +4556,53 @@ class SigningServer:
         waiting = self._waiting
         while waiting and waiting[0][2].ticket.done:
             conn, request, pending = waiting.popleft()
-            outcome = self.handler.finish(pending, request)
+            self._proceed(conn, request, self.handler.finish(pending, request))
+
+    def _proceed(self, conn: Connection, request: Request, outcome) -> None:
+        """Carry a request of this thread on from ``outcome``: its ticket waited for
+        (Pending), its hook run on a hook thread (HookCall), or its answer sent (Response),
+        then the next request pipelined behind it."""
+        try:
             if isinstance(outcome, Pending):
-                waiting.append((conn, request, outcome))
-                continue
-            try:
-                if self._deliver(conn, request, outcome):
-                    self._handle(conn, self._advance(conn) if conn.reader.pending else None)
-            except Exception:
-                log.exception("internal error answering %s %s", request.method,
-                              request.path[:200])
-                self._close(conn)          # never a connection left waiting for nothing
+                self._waiting.append((conn, request, outcome))
+            elif isinstance(outcome, HookCall):
+                deadline = time.monotonic() + outcome.authority.config.hook_timeout
+                self._hooked[conn] = (deadline, request, outcome)
+                self._hooks.submit(self._run_hook, conn, request, outcome)
+            elif self._deliver(conn, request, outcome):
+                self._handle(conn, self._advance(conn) if conn.reader.pending else None)
+        except Exception:
+            log.exception("internal error answering %s %s", request.method, request.path[:200])
+            self._close(conn)          # never a connection left waiting for nothing
+
+    def _run_hook(self, conn: Connection, request: Request, call: HookCall) -> None:
+        """A hook thread: run ``call`` for the reception thread, which resumes the request."""
+        started = time.monotonic()
+        result, error = call.run()
+        self.metrics.observe("hook", time.monotonic() - started)
+        self._hook_results.put((conn, request, call, result, error))
+        self.wake()
+
+    def _resume_hooked(self) -> None:
+        """Go on with the requests whose hooks returned in time."""
+        while not self._hook_results.empty():
+            conn, request, call, result, error = self._hook_results.get()
+            entry = self._hooked.get(conn)
+            if entry is None or entry[2] is not call:
+                continue                 # answered 503 meanwhile: what the hook did is dropped
+            del self._hooked[conn]
+            self._proceed(conn, request, self.handler.resume(call, request, result, error))
+
+    def _hooks_late(self, now: float) -> None:
+        """Answer 503 hook_timeout for a hook past ``hook_timeout``: a hook cannot be
+        interrupted, so its thread stays with it, and what it returns at last is dropped
+        (before signing nothing is signed; after, the certificate is withheld)."""
+        for conn, (deadline, request, call) in list(self._hooked.items()):
+            if now >= deadline:
+                del self._hooked[conn]
+                late = RequestError(503, "hook_timeout", "a hook did not finish within "
+                                    f"{call.authority.config.hook_timeout:g} s")
+                self._proceed(conn, request, self.handler.resume(call, request, None, late))
 
     def _take_closing(self) -> None:
         while True:
@@ -4364,18 +4615,18 @@ class SigningServer:
     # Answering ----------------------------------------------------------------------------------
 
     def _handle(self, conn: Connection, request: Request) -> None:
-        """Answer on the reception thread what runs no operator code and waits for nothing:
-        there a signing costs no thread hand-off, and its answer leaves from this thread too
-        once its record is committed.  The rest goes to the pool, where a slow hook or a slow
-        store holds one thread, not everyone."""
+        """Answer on the reception thread what waits for nothing: there a signing costs no
+        thread hand-off, and its answer leaves from this thread too once its record is
+        committed.  Its hooks run on hook threads, one hand-off each way (a slow hook holds
+        one thread, not everyone); what reads or writes the store goes to the pool."""
         while request is not None:
             if self.blocks(request):
                 self._pool.submit(self._answer, conn, request)
                 return
             outcome = self.handler.respond(request)
-            if isinstance(outcome, Pending):
-                self._waiting.append((conn, request, outcome))
-                return                    # answered by _settle
+            if isinstance(outcome, (Pending, HookCall)):
+                self._proceed(conn, request, outcome)
+                return                    # answered by _settle or _resume_hooked
             if not self._deliver(conn, request, outcome):
                 return
             request = self._advance(conn) if conn.reader.pending else None
@@ -4383,23 +4634,24 @@ class SigningServer:
         self._rearm(conn)
 
     def blocks(self, request: Request) -> bool:
-        """Whether answering ``request`` may block: operator code runs for a signing, or the
-        health check reads the store.  The one place that decides inline or pool."""
-        path = request.path
-        if path.startswith("/api/csr/"):
-            return self.authority.per_request_hooks
-        # The store is read (health, metrics, CRL, OCSP) or written (revocations).
-        return path.startswith(("/api/health", "/api/metrics", "/api/revoke/", "/api/crl",
-                                "/ocsp"))
+        """Whether answering ``request`` may block: the store is read (health, metrics, CRL,
+        OCSP) or written (revocations, whose hook runs there too).  The one place that
+        decides inline or pool; a signing's hooks run as HookCalls."""
+        return request.path.startswith(("/api/health", "/api/metrics", "/api/revoke/",
+                                        "/api/crl", "/ocsp"))
 
     def _answer(self, conn: Connection, request: Request) -> None:
         """A pool thread: answer ``request`` and any whole requests pipelined behind it."""
         try:
             while request is not None:
                 outcome = self.handler.respond(request)
-                while isinstance(outcome, Pending):
-                    self.committer.wait(outcome.ticket)
-                    outcome = self.handler.finish(outcome, request)
+                while isinstance(outcome, (Pending, HookCall)):
+                    if isinstance(outcome, HookCall):
+                        outcome = self.handler.resume(outcome, request,
+                                                      *outcome.run_with_timeout())
+                    else:
+                        self.committer.wait(outcome.ticket)
+                        outcome = self.handler.finish(outcome, request)
                 if not self._deliver(conn, request, outcome):
                     return
                 request = self._advance(conn) if conn.reader.pending else None
@@ -4823,6 +5075,7 @@ def _stderr_is_journal() -> bool:
 
 
 def setup_logging() -> None:
+    global _audit_line
     root = logging.getLogger("sapid")
     if root.handlers:
         return
@@ -4834,9 +5087,11 @@ def setup_logging() -> None:
         except ImportError:
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(_PrefixFormatter("%(message)s"))
+            _audit_line = (handler, f"<{SYSLOG_LEVELS[logging.INFO]}>")
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("sapid: %(levelname)s: %(message)s"))
+        _audit_line = (handler, "sapid: INFO: ")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Closed-loop load generator for certificate-signing servers.
 
-One ``selectors`` event loop drives N keep-alive HTTP/1.1 connections. Each connection sends one
-signing request, waits for the whole answer, then sends the next (a closed loop: the offered load
-is whatever the server can take at concurrency N). The CSRs come from a pool made before the
+One ``selectors`` event loop (or, with ``--generator threads``, a thread per connection) drives
+N keep-alive HTTP/1.1 connections. Each connection sends one signing request, waits for the
+whole answer, then sends the next (a closed loop: the offered load is whatever the server can
+take at concurrency N). The CSRs come from a pool made before the
 clock starts, so client key generation is never timed. Answers are kept as raw bytes during the
 timed phase; JSON parsing and certificate verification happen afterwards, while the server idles,
 and count neither against the server's time nor against the generator's CPU figure.
@@ -24,10 +25,12 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import itertools
 import json
 import selectors
 import socket
 import sys
+import threading
 import time
 
 KEY_TYPES = ("p256", "rsa2048", "ed25519")
@@ -452,6 +455,83 @@ def run_load(target: Target, requests: list, concurrency: int, duration: float,
                       state["connections"])
 
 
+def run_load_threads(target: Target, requests: list, concurrency: int, duration: float,
+                     max_requests: int, timeout: float = 30.0) -> LoadResult:
+    """The same closed loop as ``run_load``, the other way: a thread per connection, each
+    blocking in send and recv.  Its figures should agree with ``run_load``'s (``run.py
+    --loadgen-check``): where they do not, one of the two generators is what was measured."""
+    records, lock = [], threading.Lock()
+    perf = time.perf_counter
+    count = len(requests)
+    issued = itertools.count()
+    state = {"stopped_by": "duration", "connections": 0}
+    socks = []
+    for _ in range(concurrency):         # connect before the clock starts
+        sock = target.connect()
+        sock.setblocking(True)
+        sock.settimeout(timeout)
+        socks.append(sock)
+    state["connections"] = len(socks)
+    start_line = threading.Barrier(concurrency + 1)
+
+    def client(sock: socket.socket) -> None:
+        mine, buffer = [], bytearray()
+        start_line.wait()
+        try:
+            while True:
+                number = next(issued)
+                if number >= max_requests:
+                    state["stopped_by"] = "requests"
+                    break
+                sent = perf()
+                if sent >= deadline:
+                    break
+                index = number % count
+                reader = ResponseReader()
+                try:
+                    sock.sendall(requests[index])
+                    while (answer := reader.feed(buffer)) is None:
+                        data = sock.recv(262144)
+                        if not data:
+                            if (answer := reader.at_eof(buffer)) is None:
+                                raise ConnectionError("server closed the connection")
+                            break
+                        buffer += data
+                except (OSError, ValueError) as e:
+                    mine.append((sent, perf(), 0, f"{type(e).__name__}: {e}".encode(), index))
+                    break           # a failed connection ends its client
+                consumed, body = answer
+                mine.append((sent, perf(), reader.status, body, index))
+                del buffer[:consumed]
+                if reader.close:
+                    break
+        finally:
+            sock.close()
+            with lock:
+                records.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(sock,), daemon=True) for sock in socks]
+    for thread in threads:
+        thread.start()
+    cpu_started = time.process_time()
+    started = perf()
+    deadline = started + duration
+    start_line.wait()
+    for thread in threads:
+        thread.join()
+    cpu_seconds = time.process_time() - cpu_started
+    records.sort(key=lambda record: record[0])
+    if state["stopped_by"] == "duration" and records:
+        window_end = deadline
+    else:
+        window_end = max((record[1] for record in records), default=started)
+    return LoadResult(concurrency, records, started, window_end, cpu_seconds, state["stopped_by"],
+                      state["connections"])
+
+
+LOAD_GENERATORS = {"loop": run_load, "threads": run_load_threads}
+
+
 # ---------------------------------------------------------------------------------------------
 # Verification, after the timed phase
 # ---------------------------------------------------------------------------------------------
@@ -509,6 +589,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", "-c", type=int, default=8)
     parser.add_argument("--duration", "-d", type=float, default=10.0, help="seconds")
     parser.add_argument("--requests", "-n", type=int, default=100000, help="request cap")
+    parser.add_argument("--generator", choices=sorted(LOAD_GENERATORS), default="loop",
+                        help="one event loop (the default) or a thread per connection")
     args = parser.parse_args(argv)
 
     from cryptography import x509
@@ -521,8 +603,8 @@ def main(argv=None) -> int:
     with open(args.ca, "rb") as file:
         ca = x509.load_pem_x509_certificate(file.read())
     pool = make_pool(args.key, args.pool)
-    result = run_load(target, target.requests(pool), args.concurrency, args.duration,
-                      args.requests)
+    result = LOAD_GENERATORS[args.generator](target, target.requests(pool), args.concurrency,
+                                             args.duration, args.requests)
     verdict = verify(result, target, ca, pool)
     latencies = result.latencies_ms()
     print(f"{target.dialect} {args.key} c={args.concurrency}: {len(result.records)} answers, "

@@ -160,12 +160,31 @@ class Server:
         return self.process.returncode
 
 
+# Hooks that run for every signing and change nothing: what the pool path costs by itself.
+NOOP_HOOKS = """\
+import sapid
+
+
+class Hooks(sapid.SigningHooks):
+    def authorize(self, subject_alt_names):
+        return None
+
+    def presign(self, draft):
+        pass
+
+    def postsign(self, certificate):
+        pass
+"""
+
+
 class Sapid(Server):
     name = "sapid"
 
-    def __init__(self, folder: Path, key: str, workers: int = 1):
+    def __init__(self, folder: Path, key: str, workers: str = "1", hooks: bool = False):
+        if hooks:
+            self.name = "sapid+hooks"
         super().__init__(folder, key)
-        self.workers = workers
+        self.workers, self.hooks = workers, hooks
         self.identity = folder / "identity"
         self.socket = folder / "sapid.sock"
         self.notify_path = folder / "notify.sock"
@@ -179,13 +198,16 @@ class Sapid(Server):
             env=clean_env(CA_PASSPHRASE=PASSPHRASE), capture_output=True, text=True, timeout=120, check=False)
         if done.returncode:
             raise SystemExit(f"sapid init failed:\n{done.stdout}{done.stderr}")
+        hooks = ""
+        if self.hooks:
+            hooks = f" {folder_file(self.folder / 'hooks.py', NOOP_HOOKS)}"
         self.config.write_text(
             "[sapid]\n"
             f"identity = {self.identity}\n"
             f"state = {self.folder / 'state'}\n"
             f"socket = {self.socket}\n"
             f"workers = {self.workers}\n"
-            "hooks =\n")
+            f"hooks ={hooks}\n")
 
     def start(self) -> None:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -314,14 +336,15 @@ class Cell:
     rounds: int = 1
     stopped_by: str = "duration"
     connections: int = 0
+    generator: str = "loop"
     reasons: dict = field(default_factory=dict)
 
 
 def measure(server: Server, pool: loadgen.CsrPool, requests: list, ca, concurrency: int,
-            duration: float, cap: int) -> Cell:
+            duration: float, cap: int, generator: str = "loop") -> Cell:
     target = server.target()
     busy_before, cpu_before, wall_before = machine_busy(), server.cpu(), time.perf_counter()
-    result = loadgen.run_load(target, requests, concurrency, duration, cap)
+    result = loadgen.LOAD_GENERATORS[generator](target, requests, concurrency, duration, cap)
     cpu_used = server.cpu() - cpu_before
     wall = time.perf_counter() - wall_before
     others = machine_busy() - busy_before - cpu_used - result.cpu_seconds
@@ -334,9 +357,9 @@ def measure(server: Server, pool: loadgen.CsrPool, requests: list, ca, concurren
                 server_cpu_ms=cpu_used / answers * 1e3 if answers else float("nan"),
                 loadgen_cpu_us=result.cpu_per_request_us, verify_seconds=verdict.seconds,
                 others_cores=max(0.0, others / wall), stopped_by=result.stopped_by,
-                connections=result.connections,
+                connections=result.connections, generator=generator,
                 reasons=dict(verdict.reasons.most_common(5)))
-    say(f"  {pool.key:8} {server.name:6} c={concurrency:<4} {cell.rate:8.1f} req/s  "
+    say(f"  {pool.key:8} {server.name:6} c={concurrency:<4} {generator:7} {cell.rate:8.1f} req/s  "
         f"p50 {cell.p50:7.1f} ms  p99 {cell.p99:7.1f} ms  errors {cell.errors}  "
         f"verified {cell.verified}/{answers} in {verdict.seconds:.1f} s  "
         f"{result.connections} connections  (others used {cell.others_cores:.2f} cores)")
@@ -418,11 +441,13 @@ def ceiling(key: str, ca_key, ca_certificate, pool: loadgen.CsrPool, threads: in
         futures = [executor.submit(worker, started + duration) for _ in range(threads)]
         times = [t for future in futures for t in future.result()]
         elapsed = perf() - started
-        others = machine_busy() - busy - (time.process_time() - cpu)
+        used = time.process_time() - cpu
+        others = machine_busy() - busy - used
     latencies = sorted(t * 1e3 for t in times)
     cell = Cell(key, "ceiling", threads, len(times) / elapsed,
                 loadgen.percentile(latencies, 0.5), loadgen.percentile(latencies, 0.99),
-                len(times), verified=len(times), others_cores=max(0.0, others / elapsed))
+                len(times), verified=len(times), others_cores=max(0.0, others / elapsed),
+                server_cpu_ms=used / len(times) * 1e3 if times else float("nan"))
     say(f"  {key:8} ceiling {threads} thread(s): {cell.rate:8.1f} signatures/s  "
         f"(others used {cell.others_cores:.2f} cores)")
     return cell
@@ -525,28 +550,57 @@ def ratio(value: float, reference: float | None) -> str:
 def key_table(key: str, cells: list) -> str:
     rows = [c for c in cells if c.key == key]
     cfssl = {c.concurrency: c.rate for c in rows if c.server == "cfssl"}
+    builtin = {c.concurrency: c.rate for c in rows if c.server == "sapid"}
     ceilings = [c.rate for c in rows if c.server == "ceiling"]
     best = max(ceilings) if ceilings else None
+    # What cryptography alone needs per certificate, on one thread: sapid's overhead is its
+    # server CPU per request less this.
+    floor = next((c.server_cpu_ms for c in rows if c.server == "ceiling" and c.concurrency == 1),
+                 float("nan"))
     lines = [
         f"### {KEY_LABELS[key]}",
         "",
         ("| server | concurrency | requests/s | p50 (ms) | p99 (ms) | errors | server CPU "
-         "(ms/req) | load gen CPU (µs/req) | others' CPU (cores) | sapid/cfssl | sapid/ceiling |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+         "(ms/req) | overhead (ms/req) | load gen CPU (µs/req) | others' CPU (cores) "
+         "| ×cfssl | ×ceiling | ×sapid |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    order = {"sapid": 0, "cfssl": 1, "ceiling": 2}
+    order = {"sapid": 0, "sapid+hooks": 1, "cfssl": 2, "ceiling": 3}
     for c in sorted(rows, key=lambda c: (c.server == "ceiling", c.concurrency, order[c.server])):
-        server = f"ceiling, {c.concurrency} thread{'s' if c.concurrency > 1 else ''}" \
-            if c.server == "ceiling" else c.server
-        sapid_row = c.server == "sapid"
+        ceiling_row, sapid_row = c.server == "ceiling", c.server.startswith("sapid")
+        server = (f"ceiling, {c.concurrency} thread{'s' if c.concurrency > 1 else ''}"
+                  if ceiling_row else c.server)
         lines.append(
             f"| {server} | {c.concurrency} | {number(c.rate)} | {number(c.p50, 2)} | "
-            f"{number(c.p99, 2)} | {c.errors if c.server != 'ceiling' else '—'} | "
-            f"{number(c.server_cpu_ms, 2) if c.server != 'ceiling' else '—'} | "
-            f"{number(c.loadgen_cpu_us, 0) if c.server != 'ceiling' else '—'} | "
+            f"{number(c.p99, 2)} | {'—' if ceiling_row else c.errors} | "
+            f"{number(c.server_cpu_ms, 2)} | "
+            f"{number(c.server_cpu_ms - floor, 2) if sapid_row else '—'} | "
+            f"{'—' if ceiling_row else number(c.loadgen_cpu_us, 0)} | "
             f"{number(c.others_cores, 2)} | "
             f"{ratio(c.rate, cfssl.get(c.concurrency)) if sapid_row else '—'} | "
-            f"{ratio(c.rate, best) if sapid_row else '—'} |")
+            f"{ratio(c.rate, best) if sapid_row else '—'} | "
+            f"{ratio(c.rate, builtin.get(c.concurrency)) if c.server == 'sapid+hooks' else '—'} |")
+    return "\n".join(lines)
+
+
+def loadgen_table(checks: list) -> str:
+    """The same servers measured by both load generators in turn: each round's pair, and the
+    thread-per-connection rate over the event loop's."""
+    lines = ["### The two load generators", "",
+             "| key | server | concurrency | round | event loop (req/s) | thread per connection "
+             "(req/s) | threads/loop | event loop CPU (µs/req) | threads CPU (µs/req) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    pairs = {}
+    for cell in checks:
+        pairs.setdefault((cell.key, cell.server, cell.concurrency), []).append(cell)
+    for (key, server, concurrency), found in pairs.items():
+        loops = [c for c in found if c.generator == "loop"]
+        threads = [c for c in found if c.generator == "threads"]
+        for number_, (loop, thread) in enumerate(zip(loops, threads), 1):
+            lines.append(f"| {KEY_LABELS[key]} | {server} | {concurrency} | {number_} | "
+                         f"{number(loop.rate)} | {number(thread.rate)} | "
+                         f"{ratio(thread.rate, loop.rate)} | {number(loop.loadgen_cpu_us, 0)} | "
+                         f"{number(thread.loadgen_cpu_us, 0)} |")
     return "\n".join(lines)
 
 
@@ -595,10 +649,16 @@ def parse_args(argv):
     parser.add_argument("--concurrency", default=None,
                         help="comma-separated (default 1,2,8,32,128; 1,8 in --smoke)")
     parser.add_argument("--servers", default="sapid,cfssl,ceiling",
-                        help="which of sapid,cfssl,ceiling to measure (default all three)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="sapid's workers setting (default 1; the machine's cores: "
-                             "one process per core)")
+                        help="which of sapid,sapid+hooks,cfssl,ceiling to measure (default "
+                             "sapid,cfssl,ceiling; sapid+hooks is sapid with hooks that do "
+                             "nothing, run for every signing)")
+    parser.add_argument("--workers", default="1",
+                        help="sapid's workers setting: a number, or auto (one per core); "
+                             "default 1")
+    parser.add_argument("--loadgen-check", metavar="C", type=int, default=0,
+                        help="also measure each server at concurrency C with both load "
+                             "generators (one event loop, a thread per connection), taking "
+                             "turns, and report how far they agree")
     parser.add_argument("--rounds", type=int, default=None,
                         help="measure each cell this many times, servers taking turns, and "
                              "keep the fastest (default 2; 1 in --smoke)")
@@ -628,7 +688,9 @@ def parse_args(argv):
     for key in args.keys:
         if key not in KEY_LABELS:
             parser.error(f"--keys: {key!r} is not one of {', '.join(KEY_LABELS)}")
-    if args.servers - {"sapid", "cfssl", "ceiling"}:
+    if args.workers != "auto" and not (args.workers.isdigit() and int(args.workers) >= 1):
+        parser.error(f"--workers: a number or auto, not {args.workers!r}")
+    if args.servers - {"sapid", "sapid+hooks", "cfssl", "ceiling"}:
         parser.error(f"--servers: unknown {', '.join(sorted(args.servers))}")
     if "cfssl" in args.servers and not shutil.which("cfssl"):
         parser.error("cfssl is not installed (apt-get install golang-cfssl), or leave it out: "
@@ -642,7 +704,7 @@ def main(argv=None) -> int:
     facts = machine()
     threads = facts["nproc"]
     say(f"work folder {work}; {facts['nproc']} cores, {facts['cpu']}")
-    cells, servers, speeds, creation, running = [], {}, {}, {}, []
+    cells, servers, speeds, creation, running, checks = [], {}, {}, {}, [], []
     failed = []
     from cryptography import x509
     try:
@@ -668,12 +730,17 @@ def main(argv=None) -> int:
                             for _ in range(args.rounds)]))
                     del ca_key
                 if "sapid" in args.servers:
-                    running.append(sapid)
-                    sapid.start()
-                    say(f"  sapid pid {sapid.pid} READY=1 after {sapid.ready_seconds:.2f} s, "
-                        f"RSS {sapid.idle_rss_kib / 1024:.1f} MiB, "
-                        f"PSS {sapid.idle_pss_kib / 1024:.1f} MiB")
                     present.append(sapid)
+            if "sapid+hooks" in args.servers:
+                hooked = Sapid(work / key / "sapid+hooks", key, args.workers, hooks=True)
+                hooked.prepare()
+                present.append(hooked)
+            for server in present:
+                running.append(server)
+                server.start()
+                say(f"  {server.name} pid {server.pid} READY=1 after "
+                    f"{server.ready_seconds:.2f} s, RSS {server.idle_rss_kib / 1024:.1f} MiB, "
+                    f"PSS {server.idle_pss_kib / 1024:.1f} MiB")
             if "cfssl" in args.servers and key in CFSSL_KEYS:
                 cfssl = Cfssl(work / key / "cfssl", key)
                 cfssl.prepare()
@@ -701,12 +768,20 @@ def main(argv=None) -> int:
                         cell = measure(server, pool, requests, ca, concurrency, args.duration,
                                        args.requests)
                         rounds[server.name].append(cell)
-                        if server.name == "sapid" and (cell.errors or not cell.answers
-                                                       or cell.verified != cell.answers):
+                        if server.name.startswith("sapid") and (
+                                cell.errors or not cell.answers or cell.verified != cell.answers):
                             failed.append(f"{key} sapid c={concurrency}: {cell.errors} errors, "
                                           f"{cell.verified}/{cell.answers} verified "
                                           f"{cell.reasons}")
                 cells.extend(best_of(found) for found in rounds.values() if found)
+            if args.loadgen_check:
+                for server in present:
+                    requests, ca = prepared[server.name]
+                    for _ in range(args.rounds):
+                        for generator in loadgen.LOAD_GENERATORS:
+                            checks.append(measure(server, pool, requests, ca,
+                                                  args.loadgen_check, args.duration,
+                                                  args.requests, generator))
             for server in present:
                 figures = server.status() if server.alive() else {}
                 servers.setdefault(key, {})[server.name] = {
@@ -715,7 +790,7 @@ def main(argv=None) -> int:
                     "peak": figures.get("VmHWM", float("nan"))}
                 code = server.stop()
                 running.remove(server)
-                if server.name == "sapid" and code not in (0, None):
+                if server.name.startswith("sapid") and code not in (0, None):
                     failed.append(f"{key} sapid exited {code} on SIGTERM:\n{server.log_tail()}")
     finally:
         for server in running:
@@ -735,6 +810,8 @@ def main(argv=None) -> int:
     for key in args.keys:
         parts += [key_table(key, cells), ""]
     parts += [summary_table(args.keys, cells, servers, speeds, creation), ""]
+    if checks:
+        parts += [loadgen_table(checks), ""]
     if failed:
         parts += ["Failures:", "", *[f"- {line}" for line in failed], ""]
     report = "\n".join(parts)
@@ -745,7 +822,8 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(
             {"machine": facts, "servers": servers, "openssl_speed": speeds,
              "file_creation_us": creation,
-             "cells": [cell.__dict__ for cell in cells]}, indent=1, default=str))
+             "cells": [cell.__dict__ for cell in cells],
+             "loadgen_check": [cell.__dict__ for cell in checks]}, indent=1, default=str))
     if failed:
         say("FAILED:\n" + "\n".join(failed))
         return 1

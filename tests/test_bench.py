@@ -15,11 +15,27 @@ def test_smoke_run_signs_and_verifies_every_request():
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     out = done.stdout
     assert ("| server | concurrency | requests/s | p50 (ms) | p99 (ms) | errors |" in out), out
-    assert "| sapid/cfssl | sapid/ceiling |" in out, out
+    assert "| overhead (ms/req) |" in out and "| ×cfssl | ×ceiling | ×sapid |" in out, out
     assert "| sapid | 1 |" in out and "| sapid | 8 |" in out, out
     assert "sapid idle RSS (MiB) | sapid peak RSS (MiB) | sapid idle PSS (MiB)" in out, out
     assert "Failures:" not in out, out
     assert "verified 150/150" in done.stderr, done.stderr
+
+
+def test_hooks_server_and_both_load_generators():
+    """sapid with no-op hooks beside the built-in ones, and each measured by the event loop
+    and by a thread per connection: every answer verified, the tables there."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--servers",
+                           "sapid,sapid+hooks", "--keys", "p256", "--concurrency", "2",
+                           "--requests", "60", "--rounds", "1", "--loadgen-check", "2",
+                           "--no-openssl-speed", "--workers", "auto"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    out = done.stdout
+    assert "| sapid | 2 |" in out and "| sapid+hooks | 2 |" in out, out
+    assert "### The two load generators" in out, out
+    assert "| EC P-256 | sapid | 2 | 1 |" in out and "| EC P-256 | sapid+hooks | 2 | 1 |" in out
+    assert done.stderr.count("verified 60/60") == 6, done.stderr     # 2 cells + 4 checks
 
 
 def test_load_generator_reads_content_length_chunked_and_close_delimited_answers():

@@ -9,8 +9,10 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -860,3 +862,40 @@ def test_example_hooks(daemon_factory, tmp_path):
     output = refused_start(daemon_factory(hooks=str(write_hooks(bare, source)), start=False))
     assert output.startswith(f"sapid: error: {bare / 'hooks.py'}:") and \
         f"No such file or directory: '{bare / 'clients.allow'}'" in output, output
+
+
+def test_fast_hooks_share_threads_slow_hooks_get_more(daemon_factory, tmp_path):
+    """Hook calls run on hook threads while the reading thread signs: fast hooks share one or
+    two threads (each thread woken costs a hand-off of the GIL); hooks that take their time
+    get a thread each, up to max_threads, so that none waits for another's."""
+    hooks = write_hooks(tmp_path, """\
+        import time
+        import sapid
+
+        class Hooks(sapid.SigningHooks):
+            def presign(self, draft):
+                if self.client_id.startswith("slow"):
+                    time.sleep(0.5)
+        """)
+    daemon = daemon_factory(hooks=str(hooks), max_threads=16)
+    csr = make_csr(tmp_path)
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{daemon.process.pid}/task"))
+
+    before = threads()
+    sys.path.insert(0, str(ROOT / "bench"))
+    import loadgen
+    target = loadgen.SapidTarget(str(daemon.socket))
+    result = loadgen.run_load(target, target.requests(loadgen.make_pool("p256", 16)), 16, 30.0,
+                              400)
+    assert [record[2] for record in result.records] == [200] * 400
+    fast = threads() - before
+    assert fast <= 3, f"{fast} threads started for hooks that return at once"
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda n: daemon.sign(csr, f"slow{n}"), range(8)))
+    assert all(status == 200 for status, _ in replies), replies[:2]
+    # Eight half-second hooks one after the other would take 4 s.
+    assert time.monotonic() - started < 2.5
+    assert threads() - before >= 6

@@ -397,6 +397,7 @@ def test_two_records_with_one_serial_in_a_batch(tmp_path):
         blocker = sqlite3.connect(tmp_path / "sapid.db", isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
         first = committer.submit(record_of("0C0C", "first"))
+        committer.flush()
         deadline = time.monotonic() + 10
         while not committer._busy:
             assert time.monotonic() < deadline
