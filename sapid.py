@@ -4314,6 +4314,7 @@ class SigningServer:
         self._hooks = ThreadPool(max_threads, "sapid-hook", HOOK_SPAWN_SECONDS)
         self._hooked = {}                        # conn -> (deadline, request, HookCall)
         self._hook_results = queue.SimpleQueue()  # (conn, request, call, result, error)
+        self._asleep = False                     # whether this thread waits in epoll
         self._epoll = select.epoll()
         self._connections: dict[int, Connection] = {}
         self._closing = queue.SimpleQueue()     # connections pool threads are done with
@@ -4353,11 +4354,11 @@ class SigningServer:
                 wait = min(wait, max(0.0, self._accept_paused_until - time.monotonic()))
             if self._hooks.waiting:
                 wait = min(wait, HOOK_SPAWN_SECONDS)     # to add a hook thread in time
-            events = self._epoll.poll(0 if self.committer.queued else wait, TURN_EVENTS)
+            events = self._poll(0 if self.committer.queued else wait)
             if not events and self.committer.queued:
                 # Nothing else to do: have this thread's signings committed now.
                 self.committer.flush()
-                events = self._epoll.poll(wait, TURN_EVENTS)
+                events = self._poll(wait)
             for fd, _ in events:
                 if fd == self._listen_fd:
                     self._accept()
@@ -4386,6 +4387,18 @@ class SigningServer:
             tick()
         self._take_closing()
         self._epoll.close()
+
+    def _poll(self, wait: float) -> list:
+        """The next events; while this thread waits for them, hook threads that return wake
+        it (``_run_hook``), and only then: a wake-up costs two system calls."""
+        if wait:
+            self._asleep = True
+            if not self._hook_results.empty():
+                wait = 0
+        try:
+            return self._epoll.poll(wait, TURN_EVENTS)
+        finally:
+            self._asleep = False
 
     def stop(self) -> None:
         """Stop accepting and reading; requests already read still get their answers."""
@@ -4581,7 +4594,8 @@ class SigningServer:
         result, error = call.run()
         self.metrics.observe("hook", time.monotonic() - started)
         self._hook_results.put((conn, request, call, result, error))
-        self.wake()
+        if self._asleep:            # read after the put: see _poll
+            self.wake()
 
     def _resume_hooked(self) -> None:
         """Go on with the requests whose hooks returned in time."""
