@@ -106,10 +106,14 @@ def machine_busy() -> float:
 
 
 def clean_env(**extra) -> dict:
+    """The environment sapid runs with here.  PYTHONDONTWRITEBYTECODE goes too: without its
+    bytecode cached (pip caches it at install) every start compiles sapid.py, which costs
+    0.1 s and 8 MiB of RSS that an installed sapid does not pay."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
                         "CREDENTIALS_DIRECTORY", "INVOCATION_ID", "JOURNAL_STREAM",
-                        "WATCHDOG_USEC", "WATCHDOG_PID", "SAPID_CONFIG", "CA_PASSPHRASE")}
+                        "WATCHDOG_USEC", "WATCHDOG_PID", "SAPID_CONFIG", "CA_PASSPHRASE",
+                        "PYTHONDONTWRITEBYTECODE")}
     env.update(extra)
     return env
 
@@ -180,11 +184,15 @@ class Hooks(sapid.SigningHooks):
 class Sapid(Server):
     name = "sapid"
 
-    def __init__(self, folder: Path, key: str, workers: str = "1", hooks: bool = False):
+    def __init__(self, folder: Path, key: str, workers: str = "1", hooks: bool = False,
+                 checkout: Path | None = None):
         if hooks:
             self.name = "sapid+hooks"
+        if checkout is not None:
+            self.name = "baseline"
         super().__init__(folder, key)
         self.workers, self.hooks = workers, hooks
+        self.command = [sys.executable, str(checkout / "sapid")] if checkout else SAPID
         self.identity = folder / "identity"
         self.socket = folder / "sapid.sock"
         self.notify_path = folder / "notify.sock"
@@ -193,7 +201,7 @@ class Sapid(Server):
 
     def prepare(self) -> None:
         done = subprocess.run(
-            [*SAPID, "init", "-d", str(self.identity), "--key", self.key,
+            [*self.command, "init", "-d", str(self.identity), "--key", self.key,
              "-f", "CN", f"sapid bench CA {self.key}", "-f", "O", "sapid bench"],
             env=clean_env(CA_PASSPHRASE=PASSPHRASE), capture_output=True, text=True, timeout=120, check=False)
         if done.returncode:
@@ -217,7 +225,7 @@ class Sapid(Server):
         try:
             started = time.perf_counter()
             self.process = subprocess.Popen(
-                [*SAPID, "serve", "-c", str(self.config)], stdin=subprocess.DEVNULL,
+                [*self.command, "serve", "-c", str(self.config)], stdin=subprocess.DEVNULL,
                 stdout=log, stderr=log, start_new_session=True,
                 env=clean_env(CA_PASSPHRASE=PASSPHRASE, NOTIFY_SOCKET=str(self.notify_path)))
             deadline = started + 60
@@ -547,6 +555,10 @@ def ratio(value: float, reference: float | None) -> str:
     return f"{value / reference:.2f}"
 
 
+# Rows whose rate is also given relative to sapid's (the column ×sapid).
+RELATIVE = ("sapid+hooks", "baseline")
+
+
 def key_table(key: str, cells: list) -> str:
     rows = [c for c in cells if c.key == key]
     cfssl = {c.concurrency: c.rate for c in rows if c.server == "cfssl"}
@@ -565,9 +577,10 @@ def key_table(key: str, cells: list) -> str:
          "| ×cfssl | ×ceiling | ×sapid |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    order = {"sapid": 0, "sapid+hooks": 1, "cfssl": 2, "ceiling": 3}
+    order = {"sapid": 0, "sapid+hooks": 1, "baseline": 2, "cfssl": 3, "ceiling": 4}
     for c in sorted(rows, key=lambda c: (c.server == "ceiling", c.concurrency, order[c.server])):
-        ceiling_row, sapid_row = c.server == "ceiling", c.server.startswith("sapid")
+        ceiling_row = c.server == "ceiling"
+        sapid_row = c.server.startswith("sapid") or c.server == "baseline"
         server = (f"ceiling, {c.concurrency} thread{'s' if c.concurrency > 1 else ''}"
                   if ceiling_row else c.server)
         lines.append(
@@ -579,7 +592,7 @@ def key_table(key: str, cells: list) -> str:
             f"{number(c.others_cores, 2)} | "
             f"{ratio(c.rate, cfssl.get(c.concurrency)) if sapid_row else '—'} | "
             f"{ratio(c.rate, best) if sapid_row else '—'} | "
-            f"{ratio(c.rate, builtin.get(c.concurrency)) if c.server == 'sapid+hooks' else '—'} |")
+            f"{ratio(c.rate, builtin.get(c.concurrency)) if c.server in RELATIVE else '—'} |")
     return "\n".join(lines)
 
 
@@ -655,6 +668,10 @@ def parse_args(argv):
     parser.add_argument("--workers", default="1",
                         help="sapid's workers setting: a number, or auto (one per core); "
                              "default 1")
+    parser.add_argument("--baseline", metavar="CHECKOUT", type=Path,
+                        help="also measure the sapid of another checkout (an earlier commit, "
+                             "say: git worktree add /tmp/base COMMIT), with the same settings, "
+                             "taking turns with the others")
     parser.add_argument("--loadgen-check", metavar="C", type=int, default=0,
                         help="also measure each server at concurrency C with both load "
                              "generators (one event loop, a thread per connection), taking "
@@ -692,6 +709,8 @@ def parse_args(argv):
         parser.error(f"--workers: a number or auto, not {args.workers!r}")
     if args.servers - {"sapid", "sapid+hooks", "cfssl", "ceiling"}:
         parser.error(f"--servers: unknown {', '.join(sorted(args.servers))}")
+    if args.baseline and not (args.baseline / "sapid").is_file():
+        parser.error(f"--baseline: no sapid in {args.baseline}")
     if "cfssl" in args.servers and not shutil.which("cfssl"):
         parser.error("cfssl is not installed (apt-get install golang-cfssl), or leave it out: "
                      "--servers sapid,ceiling")
@@ -735,6 +754,11 @@ def main(argv=None) -> int:
                 hooked = Sapid(work / key / "sapid+hooks", key, args.workers, hooks=True)
                 hooked.prepare()
                 present.append(hooked)
+            if args.baseline:
+                baseline = Sapid(work / key / "baseline", key, args.workers,
+                                 checkout=args.baseline)
+                baseline.prepare()
+                present.append(baseline)
             for server in present:
                 running.append(server)
                 server.start()
@@ -768,7 +792,7 @@ def main(argv=None) -> int:
                         cell = measure(server, pool, requests, ca, concurrency, args.duration,
                                        args.requests)
                         rounds[server.name].append(cell)
-                        if server.name.startswith("sapid") and (
+                        if server.name != "cfssl" and (
                                 cell.errors or not cell.answers or cell.verified != cell.answers):
                             failed.append(f"{key} sapid c={concurrency}: {cell.errors} errors, "
                                           f"{cell.verified}/{cell.answers} verified "
@@ -790,7 +814,7 @@ def main(argv=None) -> int:
                     "peak": figures.get("VmHWM", float("nan"))}
                 code = server.stop()
                 running.remove(server)
-                if server.name.startswith("sapid") and code not in (0, None):
+                if server.name != "cfssl" and code not in (0, None):
                     failed.append(f"{key} sapid exited {code} on SIGTERM:\n{server.log_tail()}")
     finally:
         for server in running:

@@ -23,19 +23,20 @@ def test_smoke_run_signs_and_verifies_every_request():
 
 
 def test_hooks_server_and_both_load_generators():
-    """sapid with no-op hooks beside the built-in ones, and each measured by the event loop
-    and by a thread per connection: every answer verified, the tables there."""
+    """sapid with no-op hooks beside the built-in ones and a baseline checkout, each measured
+    by the event loop and by a thread per connection: every answer verified, the tables there."""
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--servers",
                            "sapid,sapid+hooks", "--keys", "p256", "--concurrency", "2",
                            "--requests", "60", "--rounds", "1", "--loadgen-check", "2",
-                           "--no-openssl-speed", "--workers", "auto"],
+                           "--no-openssl-speed", "--workers", "auto", "--baseline", str(ROOT)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     out = done.stdout
     assert "| sapid | 2 |" in out and "| sapid+hooks | 2 |" in out, out
+    assert "| baseline | 2 |" in out, out          # this checkout again, as its own baseline
     assert "### The two load generators" in out, out
     assert "| EC P-256 | sapid | 2 | 1 |" in out and "| EC P-256 | sapid+hooks | 2 | 1 |" in out
-    assert done.stderr.count("verified 60/60") == 6, done.stderr     # 2 cells + 4 checks
+    assert done.stderr.count("verified 60/60") == 9, done.stderr     # 3 cells + 6 checks
 
 
 def test_load_generator_reads_content_length_chunked_and_close_delimited_answers():
