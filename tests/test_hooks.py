@@ -899,3 +899,32 @@ def test_fast_hooks_share_threads_slow_hooks_get_more(daemon_factory, tmp_path):
     # Eight half-second hooks one after the other would take 4 s.
     assert time.monotonic() - started < 2.5
     assert threads() - before >= 6
+
+
+def test_a_taken_serial_is_drawn_again_through_the_hook(daemon_factory, tmp_path):
+    """serial_number repeating itself: the signing whose serial is taken asks the hook again
+    (on a hook thread) and gets the next one; one that only ever draws taken serials gets
+    503 store_failed, audited, and nothing is recorded twice."""
+    hooks = write_hooks(tmp_path, """\
+        import itertools
+
+        # The first value is the one drawn at load, to check the hook.
+        DRAWS = itertools.chain([1, 0x0A, 0x0A, 0x0B], itertools.repeat(0x0C))
+
+        def serial_number():
+            return next(DRAWS)
+        """)
+    daemon = daemon_factory(hooks=str(hooks))
+    csr = make_csr(tmp_path)
+    serials = []
+    for client in ("first", "second", "third"):
+        status, reply = daemon.sign(csr, client)
+        assert status == 200, reply
+        serials.append(reply["serial"])
+    assert serials == ["0A", "0B", "0C"]
+    status, reply = daemon.sign(csr, "fourth")
+    assert (status, reply["error"]) == (503, "store_failed"), reply
+    assert issued(daemon) == {"0A": "first", "0B": "second", "0C": "third"}
+    log = daemon.output()
+    assert log.count("drawing another") == 1 + 7, log     # second once, fourth 7 times
+    assert re.search(r'audit outcome=refused client_id="fourth" .*code="store_failed"', log), log
