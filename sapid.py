@@ -3058,8 +3058,8 @@ class ThreadPool:
                 self._taken = time.monotonic()
             try:
                 function(*args)
-            except Exception:       # each task handles its own; this keeps the thread
-                log.exception("internal error in %s", self._name)
+            except BaseException:   # noqa: BLE001 -- each task handles its own; this keeps
+                log.exception("internal error in %s", self._name)      # the thread
 
 
 class HookRunner:
@@ -3414,13 +3414,14 @@ class Authority:
 
     def hook_refusal(self, phase: str, error: BaseException) -> RequestError:
         """What a hook's failure answers: its RequestError, 403 for NotAuthorized, else 500
-        (logged with its traceback; sys.exit() in a hook must not leave the client hanging)."""
+        (logged with its traceback; sys.exit() in a hook must not leave the client hanging,
+        nor stop the thread that reads requests)."""
         if isinstance(error, RequestError):
             return error
         if isinstance(error, NotAuthorized):
             return RequestError(403, "not_authorized", str(error) or "not authorized")
-        if not isinstance(error, (Exception, SystemExit)):
-            raise error                   # KeyboardInterrupt and the like
+        # Whatever else it raised (SystemExit, KeyboardInterrupt, CancelledError included:
+        # hooks run on threads of their own, where nothing of that kind is the daemon's).
         log.error("hook %s failed (%s)", phase, self.hooks.path, exc_info=error)
         return RequestError(500, "hook_error", "a hook of this CA failed; its log has the details")
 
@@ -4315,6 +4316,7 @@ class SigningServer:
         self._hooked = {}                        # conn -> (deadline, request, HookCall)
         self._hook_results = queue.SimpleQueue()  # (conn, request, call, result, error)
         self._asleep = False                     # whether this thread waits in epoll
+        self._hook_due = 0.25                    # seconds to the next hook deadline
         self._epoll = select.epoll()
         self._connections: dict[int, Connection] = {}
         self._closing = queue.SimpleQueue()     # connections pool threads are done with
@@ -4352,8 +4354,11 @@ class SigningServer:
             wait = 0.25
             if self._accept_paused_until:
                 wait = min(wait, max(0.0, self._accept_paused_until - time.monotonic()))
-            if self._hooks.waiting:
-                wait = min(wait, HOOK_SPAWN_SECONDS)     # to add a hook thread in time
+            if self._hooked:
+                # To answer a hook's timeout on time, and to add a hook thread in time.
+                wait = min(wait, self._hook_due)
+                if self._hooks.waiting:
+                    wait = min(wait, HOOK_SPAWN_SECONDS)
             events = self._poll(0 if self.committer.queued else wait)
             if not events and self.committer.queued:
                 # Nothing else to do: have this thread's signings committed now.
@@ -4372,11 +4377,12 @@ class SigningServer:
                     else:
                         self._receive(conn)
             self._take_closing()
-            self._resume_hooked()
             now = time.monotonic()
+            self._resume_hooked(now)
+            self._hook_due = 0.25
             if self._hooked:
                 self._hooks.tick(now)
-                self._hooks_late(now)
+                self._hook_due = self._hooks_late(now)
             if self.committer.due(now):
                 self.committer.flush()
             if self._accept_paused_until and now >= self._accept_paused_until:
@@ -4589,7 +4595,11 @@ class SigningServer:
             self._close(conn)          # never a connection left waiting for nothing
 
     def _run_hook(self, conn: Connection, request: Request, call: HookCall) -> None:
-        """A hook thread: run ``call`` for the reception thread, which resumes the request."""
+        """A hook thread: run ``call`` for the reception thread, which resumes the request;
+        not at all if it waited past its deadline (the client has had its 503)."""
+        entry = self._hooked.get(conn)
+        if entry is None or entry[2] is not call:
+            return
         started = time.monotonic()
         result, error = call.run()
         self.metrics.observe("hook", time.monotonic() - started)
@@ -4597,26 +4607,33 @@ class SigningServer:
         if self._asleep:            # read after the put: see _poll
             self.wake()
 
-    def _resume_hooked(self) -> None:
+    def _resume_hooked(self, now: float) -> None:
         """Go on with the requests whose hooks returned in time."""
         while not self._hook_results.empty():
             conn, request, call, result, error = self._hook_results.get()
             entry = self._hooked.get(conn)
             if entry is None or entry[2] is not call:
                 continue                 # answered 503 meanwhile: what the hook did is dropped
+            if now >= entry[0]:
+                continue                 # too late: _hooks_late answers it
             del self._hooked[conn]
             self._proceed(conn, request, self.handler.resume(call, request, result, error))
 
-    def _hooks_late(self, now: float) -> None:
+    def _hooks_late(self, now: float) -> float:
         """Answer 503 hook_timeout for a hook past ``hook_timeout``: a hook cannot be
         interrupted, so its thread stays with it, and what it returns at last is dropped
-        (before signing nothing is signed; after, the certificate is withheld)."""
+        (before signing nothing is signed; after, the certificate is withheld).  The
+        seconds until the next deadline."""
+        following = 0.25
         for conn, (deadline, request, call) in list(self._hooked.items()):
             if now >= deadline:
                 del self._hooked[conn]
                 late = RequestError(503, "hook_timeout", "a hook did not finish within "
                                     f"{call.authority.config.hook_timeout:g} s")
                 self._proceed(conn, request, self.handler.resume(call, request, None, late))
+            else:
+                following = min(following, deadline - now)
+        return following
 
     def _take_closing(self) -> None:
         while True:

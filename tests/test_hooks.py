@@ -928,3 +928,83 @@ def test_a_taken_serial_is_drawn_again_through_the_hook(daemon_factory, tmp_path
     log = daemon.output()
     assert log.count("drawing another") == 1 + 7, log     # second once, fourth 7 times
     assert re.search(r'audit outcome=refused client_id="fourth" .*code="store_failed"', log), log
+
+
+def test_a_hook_raising_what_is_no_exception_is_a_hook_error(daemon_factory, tmp_path):
+    """KeyboardInterrupt, asyncio's CancelledError, GeneratorExit out of a hook: 500
+    hook_error for that request, and the daemon goes on signing."""
+    hooks = write_hooks(tmp_path, """\
+        import asyncio
+        import sapid
+
+        class Hooks(sapid.SigningHooks):
+            def authorize(self, subject_alt_names):
+                if self.client_id == "interrupt":
+                    raise KeyboardInterrupt
+                if self.client_id == "cancelled":
+                    raise asyncio.CancelledError()
+            def postsign(self, certificate):
+                if self.client_id == "exit":
+                    raise GeneratorExit
+        """)
+    daemon = daemon_factory(hooks=str(hooks))
+    csr = make_csr(tmp_path)
+    for client in ("interrupt", "cancelled", "exit"):
+        status, reply = daemon.sign(csr, client)
+        assert (status, reply["error"]) == (500, "hook_error"), (client, reply)
+        status, reply = daemon.sign(csr, "fine")
+        assert status == 200, reply
+    assert daemon.process.poll() is None
+
+
+def test_a_hook_past_its_timeout_never_signs(daemon_factory, tmp_path):
+    """A presign that returns just after hook_timeout: 503 hook_timeout every time, never a
+    certificate, whatever the moment the reading thread next looks."""
+    hooks = write_hooks(tmp_path, """\
+        import time
+        import sapid
+
+        class Hooks(sapid.SigningHooks):
+            def presign(self, draft):
+                time.sleep(0.4)
+        """)
+    daemon = daemon_factory(hooks=str(hooks), hook_timeout=0.3)
+    csr = make_csr(tmp_path)
+    for number in range(4):
+        started = time.monotonic()
+        status, reply = daemon.sign(csr, f"late{number}")
+        assert (status, reply.get("error")) == (503, "hook_timeout"), reply
+        assert time.monotonic() - started < 2
+    time.sleep(0.5)
+    assert issued(daemon) == {}
+
+
+def test_a_hook_call_answered_before_it_ran_does_not_run(daemon_factory, tmp_path):
+    """One hook thread, held 3 s by a hanging authorize: the request queued behind it gets
+    its 503 at the timeout, and its authorize never runs afterwards."""
+    hooks = write_hooks(tmp_path, """\
+        import os
+        import time
+        import sapid
+
+        HERE = os.path.dirname(os.path.abspath(__file__))
+
+        class Hooks(sapid.SigningHooks):
+            def authorize(self, subject_alt_names):
+                if self.client_id == "hang":
+                    time.sleep(3)
+                else:
+                    open(os.path.join(HERE, f"ran-{self.client_id}"), "w").close()
+        """)
+    daemon = daemon_factory(hooks=str(hooks), hook_timeout=1, max_threads=1)
+    csr = make_csr(tmp_path)
+    hanging = threading.Thread(target=daemon.sign, args=(csr, "hang"))
+    hanging.start()
+    time.sleep(0.3)
+    status, reply = daemon.sign(csr, "queued")
+    assert (status, reply["error"]) == (503, "hook_timeout"), reply
+    hanging.join(10)
+    time.sleep(3)
+    assert not (tmp_path / "ran-queued").exists(), "a timed-out call ran after its 503"
+    status, reply = daemon.sign(csr, "after")
+    assert status == 200 and (tmp_path / "ran-after").exists(), reply
