@@ -4294,12 +4294,13 @@ class Balance:
 
 
 class SigningServer:
-    """Accepts on one listening socket; one thread reads requests, ``max_threads`` answer them.
+    """Accepts on one listening socket; one thread reads, checks, signs and answers requests,
+    up to ``max_threads`` run their hooks' calls, and as many answer what reads the store.
 
     The stdlib's ThreadingMixIn gives each connection a thread for its whole life, so idle and
-    slow clients would hold threads; here they hold only a buffer.  A worker that has answered
-    re-arms its connection's one-shot epoll event itself, so a keep-alive client's next request
-    costs the reception thread one wake-up, not two.
+    slow clients would hold threads; here they hold only a buffer.  A pool thread that has
+    answered re-arms its connection's one-shot epoll event itself, so a keep-alive client's
+    next request costs the reception thread one wake-up, not two.
     """
 
     def __init__(self, listener: socket.socket, authority: Authority, store: Store,
