@@ -3553,11 +3553,11 @@ def audit(outcome: str, client_id, subject, serial, fingerprint, code=None, reas
         text += f" by={json.dumps(by)}"
     if code:
         text += f" code={json.dumps(code)} reason={json.dumps(reason)}"
-    if ((line := _audit_line) is not None and len(handlers := log.handlers) == 1
-            and handlers[0] is line[0] and log.isEnabledFor(logging.INFO)):
+    if (len(handlers := log.handlers) == 1
+            and (prefix := getattr(handler := handlers[0], "audit_prefix", None)) is not None
+            and log.isEnabledFor(logging.INFO)):
         # What the stream handler would write, without the LogRecord it would make first:
         # a tenth of an issuance's Python (bench/README.md).
-        handler, prefix = line
         try:
             with handler.lock:
                 handler.stream.write(f"{prefix}{text}\n")
@@ -3567,10 +3567,6 @@ def audit(outcome: str, client_id, subject, serial, fingerprint, code=None, reas
             pass                    # what logging does with it: its own error report
     log.info("%s", text, extra=fields)
 
-
-# (handler, prefix): set by setup_logging when sapid's one handler is a plain stream whose
-# format is a fixed prefix before the message, so that audit lines can skip the LogRecord.
-_audit_line = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5107,7 +5103,8 @@ def _stderr_is_journal() -> bool:
 
 
 def setup_logging() -> None:
-    global _audit_line
+    """One handler for sapid's loggers.  A plain stream's handler gets ``audit_prefix``, what
+    its format puts before a message, so that audit lines can skip the LogRecord."""
     root = logging.getLogger("sapid")
     if root.handlers:
         return
@@ -5119,11 +5116,11 @@ def setup_logging() -> None:
         except ImportError:
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(_PrefixFormatter("%(message)s"))
-            _audit_line = (handler, f"<{SYSLOG_LEVELS[logging.INFO]}>")
+            handler.audit_prefix = f"<{SYSLOG_LEVELS[logging.INFO]}>"
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("sapid: %(levelname)s: %(message)s"))
-        _audit_line = (handler, "sapid: INFO: ")
+        handler.audit_prefix = "sapid: INFO: "
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
