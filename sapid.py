@@ -3279,12 +3279,8 @@ class Authority:
     def _sign_prepared(self, client_id: str, checked: CheckedCSR, subject: str,
                        csr_fingerprint: str, prepared: tuple) -> Pending:
         instance, draft = prepared
-        try:
-            return self._submit(draft, client_id, (checked.subject, subject), csr_fingerprint,
-                                instance)
-        except RequestError as e:
-            audit("refused", client_id, subject, None, csr_fingerprint, e.code, e.message)
-            raise
+        return self._submit(draft, client_id, (checked.subject, subject), csr_fingerprint,
+                            instance)
 
     def settle(self, pending: Pending) -> Issued | Pending | HookCall:
         """What a done ticket means: the certificate (audited; first the HookCall of
@@ -3322,14 +3318,9 @@ class Authority:
 
     def _resubmit(self, pending: Pending, serial) -> Pending:
         pending.draft.serial_number = serial
-        try:
-            return self._submit(pending.draft, pending.client_id,
-                                (pending.csr_subject, pending.subject), pending.csr_fingerprint,
-                                pending.hooks, pending.attempt + 1)
-        except RequestError as e:
-            audit("refused", pending.client_id, pending.subject, None, pending.csr_fingerprint,
-                  e.code, e.message)
-            raise
+        return self._submit(pending.draft, pending.client_id,
+                            (pending.csr_subject, pending.subject), pending.csr_fingerprint,
+                            pending.hooks, pending.attempt + 1)
 
     def wait(self, outcome: Pending | HookCall) -> Issued:
         """Block until ``outcome`` is a certificate (a pool thread, ``sapid sign``): hooks
@@ -3514,17 +3505,19 @@ class Authority:
 
     def _submit(self, draft: Draft, client_id: str, subject: tuple, csr_fingerprint: str,
                 instance: SigningHooks | None, attempt: int = 1) -> Pending:
-        """Sign ``draft`` and submit its record.  ``subject`` is the CSR's name and its text:
-        the record takes its names from the draft that was signed, not by parsing the
-        certificate again (a tenth of a request's CPU)."""
+        """Sign ``draft`` and submit its record (a refusal audited).  ``subject`` is the CSR's
+        name and its text: the record takes its names from the draft that was signed, not by
+        parsing the certificate again (a tenth of a request's CPU)."""
+        name, text = subject
         try:
             certificate = self.sign(draft)
         except HookError:
             log.exception("presign left a draft that cannot be signed")
-            raise RequestError(500, "hook_error",
-                               "a hook of this CA failed; its log has the details") from None
+            error = RequestError(500, "hook_error",
+                                 "a hook of this CA failed; its log has the details")
+            audit("refused", client_id, text, None, csr_fingerprint, error.code, error.message)
+            raise error from None
         der = certificate.public_bytes(serialization.Encoding.DER)
-        name, text = subject
         names = draft.extensions.get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
         record = Record(serial_hex(certificate.serial_number), client_id,
                         text if draft.subject is name else subject_text(draft.subject),
@@ -3568,10 +3561,10 @@ def audit(outcome: str, client_id, subject, serial, fingerprint, code=None, reas
     log.info("%s", text, extra=fields)
 
 
-
 # ---------------------------------------------------------------------------------------------
-# HTTP/1.1: requests are read whole by one thread that waits on every connection at once, then
-# handed to a bounded pool.  Idle, slow or half-sent connections hold no thread.
+# HTTP/1.1: requests are read whole by one thread that waits on every connection at once, and
+# answered there (their hooks and store reads on bounded pools).  Idle, slow or half-sent
+# connections hold no thread.
 # ---------------------------------------------------------------------------------------------
 
 PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
@@ -4376,10 +4369,9 @@ class SigningServer:
             self._take_closing()
             now = time.monotonic()
             self._resume_hooked(now)
-            self._hook_due = 0.25
             if self._hooked:
                 self._hooks.tick(now)
-                self._hook_due = self._hooks_late(now)
+            self._hook_due = self._hooks_late(now)
             if self.committer.due(now):
                 self.committer.flush()
             if self._accept_paused_until and now >= self._accept_paused_until:
@@ -4672,6 +4664,7 @@ class SigningServer:
         """A pool thread: answer ``request`` and any whole requests pipelined behind it."""
         try:
             while request is not None:
+                # A signing pipelined behind the request that came here is answered here too.
                 outcome = self.handler.respond(request)
                 while isinstance(outcome, (Pending, HookCall)):
                     if isinstance(outcome, HookCall):

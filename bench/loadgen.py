@@ -447,6 +447,13 @@ def run_load(target: Target, requests: list, concurrency: int, duration: float,
                     fail(conn, TimeoutError(f"no answer within {timeout:g} s"))
     cpu_seconds = time.process_time() - cpu_started
     selector.close()
+    return _result(concurrency, records, started, deadline, cpu_seconds, state)
+
+
+def _result(concurrency: int, records: list, started: float, deadline: float,
+            cpu_seconds: float, state: dict) -> LoadResult:
+    """The run's result; its throughput window ends at the deadline, or at the last answer
+    when the request cap (or errors) ended the run first."""
     if state["stopped_by"] == "duration" and records:
         window_end = deadline
     else:
@@ -521,12 +528,7 @@ def run_load_threads(target: Target, requests: list, concurrency: int, duration:
         thread.join()
     cpu_seconds = time.process_time() - cpu_started
     records.sort(key=lambda record: record[0])
-    if state["stopped_by"] == "duration" and records:
-        window_end = deadline
-    else:
-        window_end = max((record[1] for record in records), default=started)
-    return LoadResult(concurrency, records, started, window_end, cpu_seconds, state["stopped_by"],
-                      state["connections"])
+    return _result(concurrency, records, started, deadline, cpu_seconds, state)
 
 
 LOAD_GENERATORS = {"loop": run_load, "threads": run_load_threads}
