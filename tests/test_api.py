@@ -9,7 +9,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from conftest import make_csr, openssl_verify, run, save_certificate
+from conftest import make_csr, openssl_verify, run, save_certificate, write_hooks
 
 
 @pytest.mark.parametrize("ca_key", ["p256", "rsa2048", "ed25519"])
@@ -287,6 +287,27 @@ def test_keep_alive_and_pipelining(daemon, tmp_path):
     # HTTP/1.0 without keep-alive is closed after one answer.
     answer = daemon.raw(b"GET /api/health HTTP/1.0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_signings_pipelined_behind_a_store_read(daemon_factory, tmp_path, hooks):
+    """A health check (answered on a pool thread) with signings pipelined behind it: the
+    pool thread answers them too, committed and, with hooks, through them."""
+    source = write_hooks(tmp_path, """\
+        import sapid
+        class Hooks(sapid.SigningHooks):
+            def postsign(self, certificate):
+                pass
+        """) if hooks else ""
+    daemon = daemon_factory(hooks=str(source))
+    csr = make_csr(tmp_path).read_bytes()
+    health = b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    one = b"PUT /api/csr/abc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(csr), csr)
+    last = b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = daemon.raw(health + one * 2 + last)
+    assert answer.count(b"HTTP/1.1 200 ") == 4, answer[:300]
+    assert answer.count(b"signed_x509_pem") == 2
+    assert len(daemon.stored()) == 2
 
 
 def test_pipelined_signings_do_not_wait_for_the_idle_tick(daemon, tmp_path):

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from cryptography import x509
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import sapid
-from conftest import SAPID, KeepAliveClient as Client, make_csr
+from conftest import ROOT, SAPID, KeepAliveClient as Client, make_csr, run
 
 CALL = re.compile(r"^(\d+) +(?:<\.\.\. (\w+) resumed>|(\w+)\()(.*)$")
 FD = re.compile(r"^(\d+)<([^>]*)>")
@@ -183,3 +184,28 @@ def test_issuances_made_during_a_commit_share_the_next_one(tmp_path):
     assert store.count() == 50
     assert sorted(r.serial for r in store.select()) == sorted(r.serial for r in made)
     store.close()
+
+
+STORE_WRITER = """
+import datetime, secrets, sys
+sys.path.insert(0, sys.argv[1])
+import sapid
+store = sapid.SQLiteStore(sys.argv[2])
+store.prepare()
+now = datetime.datetime.now(datetime.timezone.utc)
+for batch in range(10):
+    store.add([sapid.Record(secrets.token_hex(16).upper(), f"client{n}", "CN=x", ("DNS:x",), now,
+                            now, secrets.token_hex(32), secrets.token_bytes(600), now)
+               for n in range(400)])
+"""
+
+
+def test_a_commit_creates_no_temporary_file(tmp_path):
+    """A batch's statement journal (the pages it changed) stays in memory: under strace, the
+    commits of large batches into a store of thousands open no file but the store's own.  In
+    a file, SQLite would create and delete one in /var/tmp at every commit."""
+    trace = tmp_path / "strace.log"
+    run(["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=openat", sys.executable, "-c",
+         STORE_WRITER, str(ROOT), str(tmp_path / "sapid.db")])
+    created = set(re.findall(r'openat\([^,]*, "([^"]*)", [^)]*O_CREAT', trace.read_text()))
+    assert created and all(path.startswith(f"{tmp_path}/") for path in created), created
