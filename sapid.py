@@ -80,6 +80,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import (AuthorityInformationAccessOID, CRLEntryExtensionOID,
                                    ExtendedKeyUsageOID, ExtensionOID, NameOID)
@@ -866,8 +867,9 @@ class SigningHooks:
 
     Before ``authorize`` sapid sets: ``client_id`` (alias ``client_hash``), ``public_key_hash``
     (lower-case hex SHA-1 of the CSR's DER SubjectPublicKeyInfo), ``csr``, ``csr_pem``, ``peer``
-    ((pid, uid, gid) of the socket peer, None over TCP) and ``headers`` (read-only,
-    case-insensitive; proxy headers only with ``trusted_proxy = yes``).
+    ((pid, uid, gid) of the socket peer, None over TCP), ``headers`` (read-only,
+    case-insensitive; proxy headers only with ``trusted_proxy = yes``) and ``est`` (a
+    ``sapid.Est`` when the request came by EST, else None).
     """
 
     def __init__(self, client_hash=None, public_key_hash=None, csr_tuple=None):
@@ -878,7 +880,7 @@ class SigningHooks:
         self._csr_tuple = csr_tuple
         self.csr, self.csr_pem = (csr_tuple.csr_m, csr_tuple.csr_pem) if csr_tuple else (
             None, None)
-        self.peer = None
+        self.peer = self.est = None
         self.headers = Headers({})
 
     @property
@@ -2888,6 +2890,140 @@ def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
+# EST (RFC 7030): enrolment as devices and network gear speak it, behind the TLS proxy that
+# authenticates them; the same pipeline as /api/csr, other envelopes.
+# ---------------------------------------------------------------------------------------------
+
+EST_PREFIX = "/.well-known/est/"
+# RFC 7030 3.2.2: the operation path segments sapid serves, with their methods.
+EST_OPERATIONS = {"cacerts": ("GET", "HEAD"), "csrattrs": ("GET", "HEAD"),
+                  "simpleenroll": ("POST",), "simplereenroll": ("POST",)}
+# The optional operations sapid does not offer: 501 (RFC 7030 4.3, 4.4: server key generation
+# would hold clients' private keys, which a CA must not; Full CMC is a protocol of its own).
+EST_NOT_OFFERED = frozenset({"fullcmc", "serverkeygen"})
+# RFC 7030 4.2.1: a PKCS#10 request comes as application/pkcs10; curl -d sends its own default.
+EST_MEDIA_TYPES = ("application/pkcs10", "application/x-www-form-urlencoded")
+# RFC 7030 4.1.3, 4.2.3: certs-only CMC Simple PKI Responses, base64 (RFC 8951 3.2: the body is
+# base64 whatever Content-Transfer-Encoding says; older clients still look for the header).
+EST_CACERTS_MEDIA_TYPE = "application/pkcs7-mime"
+EST_CERTS_ONLY_MEDIA_TYPE = "application/pkcs7-mime; smime-type=certs-only"
+EST_BASE64 = (("Content-Transfer-Encoding", "base64"),)
+EST_ERROR_MEDIA_TYPE = "text/plain; charset=utf-8"
+# The client id of an enrolment without a label (RFC 7030 3.2.2's optional path segment).
+EST_CLIENT_ID = "est"
+EST_REALM = "sapid EST"
+# RFC 4648 4 with the line breaks RFC 7030 4.2.1 allows (RFC 2045 6.8: CRLF, any length here).
+EST_BASE64_BODY = re.compile(rb"[A-Za-z0-9+/\r\n\t ]*={0,2}[\r\n\t ]*\Z")
+EST_LINE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Est:
+    """How an EST enrolment came, as hooks see it in ``self.est`` (None for /api/csr)."""
+
+    operation: str                  # "simpleenroll" or "simplereenroll"
+    label: str | None               # the path's label, which is also the client id
+    # The TLS client certificate the proxy verified and forwarded (trusted_proxy = yes only).
+    client_certificate: x509.Certificate | None
+    # This CA's record of that certificate, when it issued it and it is unexpired and unrevoked.
+    current: Record | None
+    # HTTP Basic credentials as sent: the proxy (nginx's auth_basic) or the hooks check them.
+    username: str | None
+    password: str | None
+
+
+def est_operation(path: str) -> tuple[str | None, str]:
+    """(label, operation) of a path under /.well-known/est/ (RFC 7030 3.2.2); RequestError
+    for a path that names no operation sapid serves."""
+    segments = path[len(EST_PREFIX):].split("/")
+    label, operation = (None, segments[0]) if len(segments) == 1 else (
+        segments if len(segments) == 2 else (None, ""))
+    if operation in EST_NOT_OFFERED:
+        raise RequestError(501, "not_implemented", f"EST {operation} is not offered here: "
+                           "enrol with simpleenroll")
+    if operation not in EST_OPERATIONS:
+        raise RequestError(404, "not_found", f"no such EST resource: {path[:100]}")
+    if label is not None and not CLIENT_ID.match(label):
+        raise RequestError(400, "bad_client_id",
+                           "the EST label must be 1 to 128 letters and digits")
+    return label, operation
+
+
+def est_csr(body: bytes) -> bytes:
+    """The DER of the PKCS#10 request an EST body carries as base64 (RFC 7030 4.2.1)."""
+    if body.lstrip().startswith(b"-----BEGIN"):
+        raise RequestError(400, "not_a_csr", "EST takes the CSR as base64 DER without PEM "
+                           "lines: send the text between BEGIN and END, or "
+                           "openssl req -outform DER | base64")
+    if not EST_BASE64_BODY.match(body):
+        raise RequestError(400, "not_a_csr", "the body is not base64: EST takes a DER PKCS#10 "
+                           "request in base64 (RFC 7030 4.2.1)")
+    try:
+        der = base64.b64decode(re.sub(rb"[\r\n\t ]", b"", body), validate=True)
+    except ValueError:
+        der = b""
+    if not der:
+        raise RequestError(400, "not_a_csr", "the body's base64 is cut short or empty: EST "
+                           "takes a DER PKCS#10 request in base64 (RFC 7030 4.2.1)")
+    return der
+
+
+def est_certs_only(certificates) -> bytes:
+    """A certs-only CMC Simple PKI Response (RFC 5272 4.1, RFC 7030 4.1.3), base64 in lines."""
+    encoded = base64.b64encode(pkcs7.serialize_certificates(list(certificates),
+                                                            serialization.Encoding.DER))
+    return b"".join(encoded[i:i + EST_LINE] + b"\r\n" for i in range(0, len(encoded), EST_LINE))
+
+
+def basic_credentials(value: str | None) -> tuple[str, str] | None:
+    """(user-id, password) of an ``Authorization: Basic`` header (RFC 7617 2), else None."""
+    scheme, _, token = (value or "").strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode()
+    except ValueError:              # UnicodeDecodeError is one too
+        decoded = ""
+    user, colon, password = decoded.partition(":")
+    if not colon:
+        raise RequestError(400, "bad_request", "the Authorization header's Basic credentials "
+                           "are not base64 of user-id:password (RFC 7617 2)")
+    return user, password
+
+
+def renewing(certificate: x509.Certificate, checked: CheckedCSR) -> None:
+    """RFC 7030 4.2.2: a re-enrolment keeps the Subject and subjectAltName of the certificate
+    it renews; 400 name_refused otherwise."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = ()
+    if checked.subject != certificate.subject:
+        raise RequestError(400, "name_refused", "simplereenroll keeps the subject of the "
+                           f"certificate it renews ({subject_text(certificate.subject)!r}); the "
+                           f"CSR asks for {subject_text(checked.subject)!r} (RFC 7030 4.2.2)")
+    if set(names) != set(checked.subject_alt_names):
+        raise RequestError(400, "name_refused", "simplereenroll keeps the subjectAltName of the "
+                           f"certificate it renews ({', '.join(map(san_text, names)) or 'none'});"
+                           " the CSR asks for "
+                           f"{', '.join(map(san_text, checked.subject_alt_names)) or 'none'} "
+                           "(RFC 7030 4.2.2)")
+
+
+def forwarded_certificate(headers: dict) -> x509.Certificate | None:
+    """The TLS client certificate a trusted proxy verified: X-SSL-Client-Verify SUCCESS and
+    X-SSL-Client-Cert, its PEM URL-encoded (nginx's $ssl_client_escaped_cert)."""
+    if headers.get("x-ssl-client-verify") != "SUCCESS" or not headers.get("x-ssl-client-cert"):
+        return None
+    try:
+        return x509.load_pem_x509_certificate(
+            urllib.parse.unquote(headers["x-ssl-client-cert"]).encode("latin-1"))
+    except ValueError:
+        raise RequestError(400, "bad_request", "the proxy's X-SSL-Client-Cert is not a URL-"
+                           "encoded PEM certificate (nginx: $ssl_client_escaped_cert)") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # Metrics: counters and histograms the forked workers share, for GET /api/metrics
 # ---------------------------------------------------------------------------------------------
 
@@ -2895,10 +3031,11 @@ def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Every error code of the API (sapid(8)), in the order of its table.
 ERROR_CODES = ("bad_request", "bad_client_id", "not_a_csr", "bad_csr_signature",
-               "weak_csr_signature", "key_refused", "name_refused", "not_authorized",
-               "not_found", "method_not_allowed", "request_timeout", "length_required",
-               "too_large", "unsupported_media_type", "hook_error", "internal_error",
-               "hook_timeout", "store_failed", "shutting_down")
+               "weak_csr_signature", "key_refused", "name_refused", "not_authenticated",
+               "not_authorized", "not_found", "method_not_allowed", "request_timeout",
+               "length_required", "too_large", "unsupported_media_type", "hook_error",
+               "internal_error", "not_implemented", "hook_timeout", "store_failed",
+               "shutting_down")
 HISTOGRAMS = {
     "request": ("sapid_request_duration_seconds",
                 "Time from a request's last byte to its answer, each request read whole."),
@@ -3133,6 +3270,7 @@ class Signing:
     client_id: str
     peer: tuple | None = None
     headers: Headers | None = None
+    est: Est | None = None
 
 
 class Revoking(Signing):
@@ -3230,6 +3368,7 @@ class Authority:
                     x509.UniformResourceIdentifier(config.ocsp_url))]))
         self.ca_pem = identity.pem()
         self.ca_pem_json = json.dumps(self.ca_pem.decode())
+        self.est_cacerts = est_certs_only((certificate, *identity.chain))
         self._backdate = datetime.timedelta(seconds=config.backdate_seconds)
         self._validity = datetime.timedelta(days=config.validity_days)
 
@@ -3264,6 +3403,8 @@ class Authority:
             csr_fingerprint = hashlib.sha256(signing.body).hexdigest()
             checked = check_csr(csr)
             subject = subject_text(checked.subject)
+            if signing.est is not None and signing.est.operation == "simplereenroll":
+                renewing(signing.est.client_certificate, checked)
             then = functools.partial(self._sign_prepared, signing.client_id, checked, subject,
                                      csr_fingerprint)
             if self.hooks.custom & (SIGNING_HOOKS - {"postsign"}):
@@ -3396,6 +3537,61 @@ class Authority:
             instance.headers = revoking.headers
         return instance.authorize_revocation(x509.load_der_x509_certificate(record.der), reason)
 
+    def est(self, operation: str, label: str | None, headers: dict) -> Est:
+        """What an EST enrolment shows of its client, checked as far as sapid can: the
+        forwarded certificate against this CA and its records (a store read)."""
+        certificate = forwarded_certificate(headers) if self.config.trusted_proxy else None
+        basic = basic_credentials(headers.get("authorization"))
+        current, why = self._standing(certificate) if certificate is not None else (None, None)
+        est = Est(operation, label, certificate, current, *(basic or (None, None)))
+        self._admit(est, why)
+        return est
+
+    def _standing(self, certificate: x509.Certificate) -> tuple[Record | None, str | None]:
+        """(this CA's record of ``certificate``, None) when it is this CA's, unexpired and
+        unrevoked; else (None, why not)."""
+        ca = self.identity.certificate
+        try:
+            certificate.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            return None, "the client certificate was not issued by this CA"
+        now = utcnow()
+        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            return None, "the client certificate is not valid now"
+        try:
+            record = self.store.get(serial_hex(certificate.serial_number))
+        except (StoreError, ConfigError) as e:
+            log.error("EST: %s", e)
+            raise RequestError(503, "store_failed", "the CA cannot read its store right "
+                               "now") from None
+        if record is None or record.der != certificate.public_bytes(serialization.Encoding.DER):
+            return None, "the client certificate is not in this CA's records"
+        if record.revoked_at is not None:
+            return None, "the client certificate is revoked"
+        return record, None
+
+    def _admit(self, est: Est, why: str | None) -> None:
+        """RFC 7030 4.2.2: re-enrolment renews the certificate the client shows.  With the
+        built-in ``authorize``, an enrolment also needs a current certificate of this CA or
+        Basic credentials the trusted proxy checked; a custom one decides for itself."""
+        if est.operation == "simplereenroll" and est.current is None:
+            raise RequestError(403, "not_authorized", "simplereenroll renews the certificate "
+                               "shown as the TLS client certificate: " + (
+                                   why or "none was shown, or the proxy did not verify it"))
+        if "authorize" in self.hooks.custom or est.current is not None:
+            return
+        if not self.config.trusted_proxy:
+            raise RequestError(403, "not_authorized", "EST enrolment with the built-in hooks "
+                               "needs trusted_proxy = yes: the TLS proxy in front of sapid "
+                               "authenticates EST clients")
+        if est.username is not None:
+            return
+        if why is not None:
+            raise RequestError(403, "not_authorized", why)
+        raise RequestError(401, "not_authenticated", "EST enrolment needs a client certificate "
+                           "of this CA or HTTP Basic credentials",
+                           (("WWW-Authenticate", f'Basic realm="{EST_REALM}"'),))
+
     def _call(self, phase: str, function, *args):
         """Run operator code with the hook timeout, blocking; its failures become 403 or 500."""
         try:
@@ -3449,7 +3645,7 @@ class Authority:
             csr.public_bytes(serialization.Encoding.PEM).decode())
         instance = self.hooks.new(signing.client_id, hashlib.sha1(checked.spki).hexdigest(), csr,
                                   pem)
-        instance.peer = signing.peer
+        instance.peer, instance.est = signing.peer, signing.est
         if signing.headers is not None:
             instance.headers = signing.headers
         return instance
@@ -3651,7 +3847,7 @@ def json_response(status: int, document: dict, headers: tuple = (),
 
 def error_response(error: RequestError) -> Response:
     """The API's JSON error; for an OCSP request, the OCSP error an OCSP client can read
-    (RFC 6960 4.2.1), with the same HTTP status."""
+    (RFC 6960 4.2.1), with the same HTTP status; for EST, text."""
     path = error.path and error.path.split("?", 1)[0]
     if path and (path == "/ocsp" or path.startswith("/ocsp/")):
         status = (ocsp.OCSPResponseStatus.TRY_LATER if error.status == 503 else
@@ -3659,6 +3855,12 @@ def error_response(error: RequestError) -> Response:
                   ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
         return Response(error.status, OCSP_ERRORS[status], OCSP_MEDIA_TYPE, error.headers,
                         error.code)
+    if path and path.startswith(EST_PREFIX):
+        # RFC 7030 4.2.3: an EST client reads a human-readable text body; but a 401 is a
+        # challenge that clients close unread, and Bouncy Castle's fails on one with a body
+        # (its message is in the audit line).
+        body = b"" if error.status == 401 else f"{error.message}\n".encode()
+        return Response(error.status, body, EST_ERROR_MEDIA_TYPE, error.headers, error.code)
     return json_response(error.status, {"error": error.code, "message": error.message},
                          error.headers, error.code)
 
@@ -4021,6 +4223,8 @@ def encode_response(response: Response, head_only: bool, close: bool, version: s
              f"Server: sapid/{__version__}", f"Date: {http_date()}",
              f"Content-Type: {response.content_type}",
              f"Content-Length: {len(response.body)}", "Cache-Control: no-store"]
+    if response.status == 204:
+        del lines[3:5]      # RFC 9110 8.6, 15.3.5: no content, so neither of its fields
     if close:
         lines.append("Connection: close")
     elif version == "HTTP/1.0":
@@ -4061,9 +4265,13 @@ class SigningHandler:
         try:
             outcome = step()
             if isinstance(outcome, Issued):
+                if request.path.startswith(EST_PREFIX):
+                    return Response(200, est_certs_only((outcome.certificate,)),
+                                    EST_CERTS_ONLY_MEDIA_TYPE, EST_BASE64)
                 return self._issued(outcome, authority)
             return outcome
         except RequestError as e:
+            e.path = request.path
             return error_response(e)
         except Exception:
             return self._internal_error(request)
@@ -4114,6 +4322,9 @@ class SigningHandler:
             _allow(request, ("POST",))
             self._check_body(request, ("application/ocsp-request",), "the OCSP request")
             return path
+        if path.startswith(EST_PREFIX):
+            self._check_est(request, path)
+            return path
         raise RequestError(404, "not_found", f"no such resource: {path[:100]}")
 
     def _check_body(self, request: Head | Request, media_types: tuple, what: str) -> None:
@@ -4125,6 +4336,16 @@ class SigningHandler:
                                f"refused: send {' or '.join(media_types)}")
         if self.server.stopping:
             raise RequestError(503, "shutting_down", "the CA is shutting down; retry shortly")
+
+    def _check_est(self, request: Head | Request, path: str) -> None:
+        label, operation = est_operation(path)
+        _allow(request, EST_OPERATIONS[operation])
+        if operation.startswith("simple"):
+            try:
+                self._check_body(request, EST_MEDIA_TYPES, "the CSR as base64 DER")
+            except RequestError as e:
+                audit("refused", label or EST_CLIENT_ID, None, None, None, e.code, e.message)
+                raise
 
     def _check_signing(self, request: Head | Request, client_id: str) -> None:
         try:
@@ -4175,7 +4396,26 @@ class SigningHandler:
             return Response(200, crl.pem, "application/x-pem-file")
         if path == "/ocsp":
             return Response(200, revocations.ocsp(request.body), OCSP_MEDIA_TYPE)
-        return Response(200, revocations.ocsp(_ocsp_get(path[6:])), OCSP_MEDIA_TYPE)
+        if path.startswith("/ocsp/"):
+            return Response(200, revocations.ocsp(_ocsp_get(path[6:])), OCSP_MEDIA_TYPE)
+        return self._est(request, path, authority)
+
+    def _est(self, request: Request, path: str, authority: Authority) -> Response | Pending:
+        label, operation = est_operation(path)
+        if operation == "cacerts":
+            return Response(200, authority.est_cacerts, EST_CACERTS_MEDIA_TYPE, EST_BASE64)
+        if operation == "csrattrs":
+            # RFC 7030 4.5.2: the profile asks nothing of a CSR beyond what any CSR holds.
+            return Response(204, b"")
+        client_id = label or EST_CLIENT_ID
+        try:
+            est = authority.est(operation, label, request.headers)
+            body = est_csr(request.body)
+        except RequestError as e:
+            audit("refused", client_id, None, None, None, e.code, e.message)
+            raise
+        return authority.issue(Signing(body, client_id, request.peer,
+                                       self._hook_headers(request.headers, authority), est))
 
     def _health(self) -> Response:
         """Ready or stopping, and what the store holds (read on a pool thread: see
@@ -4655,10 +4895,10 @@ class SigningServer:
 
     def blocks(self, request: Request) -> bool:
         """Whether answering ``request`` may block: the store is read (health, metrics, CRL,
-        OCSP) or written (revocations, whose hook runs there too).  The one place that
-        decides inline or pool; a signing's hooks run as HookCalls."""
+        OCSP, an EST client's certificate) or written (revocations, whose hook runs there
+        too).  The one place that decides inline or pool; a signing's hooks run as HookCalls."""
         return request.path.startswith(("/api/health", "/api/metrics", "/api/revoke/",
-                                        "/api/crl", "/ocsp"))
+                                        "/api/crl", "/ocsp", EST_PREFIX))
 
     def _answer(self, conn: Connection, request: Request) -> None:
         """A pool thread: answer ``request`` and any whole requests pipelined behind it."""

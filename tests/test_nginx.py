@@ -83,6 +83,10 @@ class Nginx:
         site = site.replace("/etc/ssl/certs/ca.example.com.pem", str(certificate))
         site = site.replace("/etc/ssl/private/ca.example.com.key", str(key))
         site = site.replace("/etc/nginx/sapid-ca.pem", str(ca))
+        # EST's passwords (test_est.py writes some): name:crypt lines, as openssl passwd -6.
+        self.passwords = folder / "est.htpasswd"
+        self.passwords.touch()
+        site = site.replace("/etc/nginx/sapid-est.htpasswd", str(self.passwords))
         assert str(certificate) in site and f":{self.port} ssl" in site
         (folder / "site.conf").write_text(site)
         nginx_conf(folder, f"include {folder}/site.conf;")
