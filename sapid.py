@@ -2929,7 +2929,7 @@ class Est:
     current: Record | None
     # HTTP Basic credentials as sent: the proxy (nginx's auth_basic) or the hooks check them.
     username: str | None
-    password: str | None
+    password: str | None = dataclasses.field(repr=False)     # never in a log line
 
 
 def est_operation(path: str) -> tuple[str | None, str]:

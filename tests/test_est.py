@@ -374,6 +374,8 @@ class Hooks(sapid.SigningHooks):
         est = self.est
         if est is None:
             raise sapid.NotAuthorized("api: " + str(self.headers.get("authorization")))
+        if est.label == "show":
+            raise sapid.NotAuthorized(repr(est))      # what a hook's log line would hold
         if est.username not in PASSWORDS or PASSWORDS[est.username] != est.password:
             raise sapid.NotAuthorized(f"{est.operation} {est.label} {est.username}: bad password")
         if self.client_id != (est.label or "est"):
@@ -398,6 +400,8 @@ def test_hooks_decide_with_self_est(daemon_factory, tmp_path):
     assert (status, body) == (403, "simpleenroll meters meter1: bad password\n")
     status, body, _ = est_post(daemon, "/.well-known/est/simpleenroll", csr, {})
     assert (status, body) == (403, "simpleenroll None None: bad password\n")
+    status, body, _ = est_post(daemon, "/.well-known/est/show/simpleenroll", csr, credentials)
+    assert status == 403 and "username='meter1'" in body and "meter-secret" not in body, body
     status, reply, _ = daemon.curl("/api/csr/meters", "PUT", csr, credentials)
     assert (status, reply["message"]) == (403, "api: " + credentials["Authorization"])
     assert len(daemon.stored()) == 1
