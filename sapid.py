@@ -3580,12 +3580,17 @@ class Authority:
         client id.  Any enrolment shows a certificate the proxy verified or Basic credentials
         (401 asks for them: the challenge EST clients answer).  Which suffice, the hook
         ``authorize`` decides; the built-in one takes a current certificate of this CA, or
-        Basic credentials (checked by the trusted proxy) when no other certificate is shown."""
+        Basic credentials (checked by the trusted proxy).  A certificate the proxy verified
+        that is not a current one of this CA is refused, whatever comes with it and whatever
+        the hooks: revoked, expired, unknown, or another CA's (a parent's, say)."""
         if est.operation == "simplereenroll":
             if est.current is None:
+                unseen = ("none was shown, or the proxy did not verify it" if
+                          self.config.trusted_proxy else "sapid believes the proxy's word on "
+                          "it only with trusted_proxy = yes")
                 raise RequestError(403, "not_authorized", "simplereenroll renews the "
                                    "certificate shown as the TLS client certificate: " + (
-                                       why or "none was shown, or the proxy did not verify it"))
+                                       why or unseen))
             if est.label is not None and est.label != est.current.client_id:
                 raise RequestError(403, "not_authorized", "simplereenroll renews under the "
                                    "client id of the certificate it renews, "
@@ -3595,12 +3600,12 @@ class Authority:
             raise RequestError(403, "not_authorized", "EST enrolment with the built-in hooks "
                                "needs trusted_proxy = yes: the TLS proxy in front of sapid "
                                "authenticates EST clients")
+        if why is not None:
+            raise RequestError(403, "not_authorized", why)
         if est.client_certificate is None and est.username is None:
             raise RequestError(401, "not_authenticated", "EST enrolment needs a client "
                                "certificate of this CA or HTTP Basic credentials",
                                (("WWW-Authenticate", f'Basic realm="{EST_REALM}"'),))
-        if not custom and why is not None:
-            raise RequestError(403, "not_authorized", why)
 
     def _call(self, phase: str, function, *args):
         """Run operator code with the hook timeout, blocking; its failures become 403 or 500."""

@@ -374,6 +374,32 @@ def test_sapid_checks_the_forwarded_certificate_itself(daemon_factory, tmp_path)
     assert (status, "RFC 7617" in body) == (400, True), body
 
 
+def test_a_certificate_that_is_not_current_is_refused_whatever_the_hooks(daemon_factory,
+                                                                        tmp_path):
+    """Hooks that sign anyone (those written before EST, say) still never see an enrolment
+    that shows a revoked or foreign certificate."""
+    hooks = write_hooks(tmp_path, "import sapid\nclass Hooks(sapid.SigningHooks):\n"
+                                  "    def authorize(self, names):\n        return None\n")
+    daemon = daemon_factory(hooks=str(hooks), trusted_proxy="yes")
+    csr = make_csr(tmp_path, "p256", "/CN=renewing", "DNS:renewing.example", der=True,
+                   name="renewal")
+    foreign = other_signed(make_identity(tmp_path / "other-ca"), tmp_path)
+    status, reply = daemon.sign(make_csr(tmp_path, "p256", "/CN=renewing",
+                                         "DNS:renewing.example", name="mine"), "device1")
+    mine = save_certificate(tmp_path, reply, "mine.pem")
+    run([*SAPID, "revoke", "-c", str(daemon.config), reply["serial"]], env=sapid_env())
+    basic = {"Authorization": "Basic " + base64.b64encode(b"a:b").decode()}
+    for cert, words in ((foreign, "not issued by this CA"), (mine, "is revoked")):
+        for credentials in ({}, basic):
+            status, body, _ = est_post(daemon, "/.well-known/est/simpleenroll", csr,
+                                       {**forwarded(cert), **credentials})
+            assert (status, words in body) == (403, True), body
+    # The twin: the password alone, which these hooks take.
+    status, body, _ = est_post(daemon, "/.well-known/est/simpleenroll", csr, basic)
+    assert status == 200, body
+    assert len(daemon.stored()) == 2
+
+
 def test_without_a_trusted_proxy_builtin_hooks_refuse_est(daemon_factory, tmp_path):
     daemon = daemon_factory(trusted_proxy="no")
     status, reply = daemon.sign(make_csr(tmp_path, "p256", "/CN=renewing",
@@ -386,7 +412,7 @@ def test_without_a_trusted_proxy_builtin_hooks_refuse_est(daemon_factory, tmp_pa
     assert (status, "trusted_proxy = yes" in body) == (403, True), body
     # Forwarded headers are not believed without a trusted proxy.
     status, body, _ = est_post(daemon, "/.well-known/est/simplereenroll", csr, forwarded(mine))
-    assert (status, "none was shown" in body) == (403, True), body
+    assert (status, "only with trusted_proxy = yes" in body) == (403, True), body
     assert len(daemon.stored()) == 1
 
 

@@ -231,6 +231,21 @@ def test_client_certificate_reaches_hooks(deployment, tmp_path):
     assert seen["x-forwarded-for"] == "127.0.0.1"
 
 
+def test_an_unverified_client_certificate_tells_the_hooks_nothing(deployment, tmp_path):
+    """ssl_verify_client optional_no_ca lets another CA's certificate through: hooks then
+    see FAILED, and no serial, name or certificate that one could mistake for verified."""
+    daemon, nginx, ca = deployment("yes")
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(tmp_path / "self.key"), "-out", str(tmp_path / "self.pem"),
+         "-subj", "/CN=renewing-device", "-days", "2", "-set_serial", "0x3A5FC1"])
+    status, reply = nginx.curl("/api/csr/report", "PUT", make_csr(tmp_path),
+                               cert=tmp_path / "self.pem", key=tmp_path / "self.key", ca=ca)
+    assert status == 403, reply
+    seen = json.loads(reply["message"])
+    assert seen["x-ssl-client-verify"].startswith("FAILED:"), seen
+    assert (seen["x-ssl-client-cert"], seen["x-ssl-client-serial"]) == (None, None), seen
+
+
 def test_untrusted_proxy_headers_are_hidden(deployment, tmp_path):
     daemon, nginx, ca = deployment("no")
     cert, key, _ = client_certificate(daemon, tmp_path)
