@@ -49,13 +49,11 @@ class Site:
     ca: Path
     folder: Path
 
-    def https(self, path: str, *args: str, method: str | None = None):
+    def https(self, path: str, *args: str):
         """(status, headers as a lower-case dict, body bytes) of curl over TLS via nginx."""
         head, body = self.folder / "head.txt", self.folder / "body.bin"
         command = ["curl", "-sS", "--cacert", str(self.ca), "-D", str(head), "-o", str(body),
                    "-w", "%{http_code}", "--resolve", f"ca.example.com:{self.nginx.port}:127.0.0.1"]
-        if method:
-            command += ["-X", method]
         done = run([*command, *args, f"https://ca.example.com:{self.nginx.port}{path}"])
         lines = head.read_bytes().decode("latin-1").split("\r\n")[1:]
         headers = {}

@@ -132,18 +132,22 @@ class Machine:
              "-M", "sapidtest", f"--bind={checkout}:/root/sapid", f"--bind-ro={wheels}:/wheels"],
             stdin=subprocess.DEVNULL, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
             start_new_session=True)
-        deadline = time.monotonic() + 120
-        self.pid = None
-        while self.pid is None:
-            assert self.process.poll() is None, log.read_text(errors="replace")
-            assert time.monotonic() < deadline, log.read_text(errors="replace")
-            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-            with open(children) as file:
-                found = file.read().split()
-            self.pid = int(found[0]) if found else None
-            time.sleep(0.1)
-        state = self.sh("systemctl is-system-running --wait", check=False).stdout.strip()
-        assert state in ("running", "degraded"), state
+        try:
+            deadline = time.monotonic() + 120
+            self.pid = None
+            while self.pid is None:
+                assert self.process.poll() is None, log.read_text(errors="replace")
+                assert time.monotonic() < deadline, log.read_text(errors="replace")
+                children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+                with open(children) as file:
+                    found = file.read().split()
+                self.pid = int(found[0]) if found else None
+                time.sleep(0.1)
+            state = self.sh("systemctl is-system-running --wait", check=False).stdout.strip()
+            assert state in ("running", "degraded"), state
+        except BaseException:
+            self.close()                # no container left running after a failed boot
+            raise
 
     def sh(self, command: str, check: bool = True, timeout: float = 300):
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
