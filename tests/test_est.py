@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from conftest import SAPID, make_csr, make_identity, openssl_verify, run, sapid_env, \
+from conftest import ROOT, SAPID, make_csr, make_identity, openssl_verify, run, sapid_env, \
     save_certificate, write_hooks
 from test_nginx import Nginx
 
@@ -457,6 +457,49 @@ def test_hooks_decide_with_self_est(daemon_factory, tmp_path):
     status, reply, _ = daemon.curl("/api/csr/meters", "PUT", csr, credentials)
     assert (status, reply["message"]) == (403, "api: " + credentials["Authorization"])
     assert len(daemon.stored()) == 1
+
+
+def readme_est_hooks() -> str:
+    """The hooks example of the README's section "EST enrolment"."""
+    section = (ROOT / "README.md").read_text().split("## EST enrolment", 1)[1]
+    return "import sapid\n" + section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_est_hook_ties_the_client_id_to_the_login(est_site, tmp_path):
+    """The README's hook behind examples/nginx.conf: a device enrols under its own name, the
+    one it logged in with or that of the certificate of this CA it shows."""
+    site = est_site(hooks=str(write_hooks(tmp_path, readme_est_hooks())))
+    csr = make_csr(tmp_path, "p256", "/CN=d1", "DNS:d1.example", der=True, name="d1")
+    basic = ("-u", f"{USER}:{PASSWORD}")
+    assert site.enrol(csr, *basic, path=f"/.well-known/est/{USER}/simpleenroll")[0] == 200
+    got, _, body = site.enrol(csr, *basic, path="/.well-known/est/device2/simpleenroll")
+    assert (got, b"enrol at" in body) == (403, True), body
+    current, key, _ = issued_to(site, "sensors", tmp_path, "current")
+    with_cert = ("--cert", str(current), "--key", str(key))
+    assert site.enrol(csr, *with_cert, path="/.well-known/est/sensors/simpleenroll")[0] == 200
+    got, _, body = site.enrol(csr, *with_cert, "-u", "device2:anything",
+                              path="/.well-known/est/device2/simpleenroll")
+    assert (got, b"enrol at" in body) == (403, True), body
+
+
+def test_nginx_passes_no_password_it_did_not_check(est_site, tmp_path):
+    """A verified certificate switches nginx's password check off; a password sent with it
+    anyway never reaches the hooks as if it had been checked."""
+    site = est_site(hooks=str(write_hooks(tmp_path, """
+        import sapid
+        class Hooks(sapid.SigningHooks):
+            def authorize(self, subject_alt_names):
+                if self.est is not None:
+                    raise sapid.NotAuthorized(f"login {self.est.username}")
+        """)))
+    csr = make_csr(tmp_path, "p256", "/CN=d1", "DNS:d1.example", der=True, name="d1")
+    current, key, _ = issued_to(site, "sensors", tmp_path, "current")
+    got, _, body = site.enrol(csr, "--cert", str(current), "--key", str(key),
+                              "-u", "device2:anything")
+    assert (got, body) == (403, b"login None\n")
+    # The twin: without a certificate, nginx checks the password and passes it on.
+    got, _, body = site.enrol(csr, "-u", f"{USER}:{PASSWORD}")
+    assert (got, body) == (403, f"login {USER}\n".encode())
 
 
 def test_est_errors_of_the_front_door_are_text(daemon, tmp_path):
