@@ -4258,13 +4258,8 @@ class SigningHandler:
     def respond(self, request: Request) -> Response | Pending | HookCall:
         """The response, or for a signing the Pending to ``finish`` once its ticket is done,
         or the HookCall to run and ``resume``."""
-        try:
-            return self._route(request)
-        except RequestError as e:
-            e.path = request.path
-            return error_response(e)
-        except Exception:
-            return self._internal_error(request)
+        return self._next(functools.partial(self._route, request), self.server.authority,
+                          request)
 
     def finish(self, pending: Pending, request: Request) -> Response | Pending | HookCall:
         """The response to a signing whose ticket is done (or a new Pending or HookCall: see
@@ -4277,6 +4272,8 @@ class SigningHandler:
         return self._next(lambda: call.resume(result, error), call.authority, request)
 
     def _next(self, step, authority: Authority, request: Request):
+        """What ``step()`` gives, a certificate put in its envelope (JSON, or certs-only for
+        EST); the one place where errors become responses."""
         try:
             outcome = step()
             if isinstance(outcome, Issued):
